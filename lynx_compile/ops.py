@@ -1,0 +1,145 @@
+"""The ``lynx`` custom ops: schemas, reference implementations and fake implementations.
+
+Every op is defined here once, with its pure-torch reference implementation (used on CPU, and
+on any device without a faster kernel) and its fake implementation (used for tracing, including
+symbolic shapes) side by side. Device kernels (``lynx_compile.kernels``) only *add* CUDA
+implementations to these ops; they never change a schema.
+
+Numerics shared by all implementations:
+
+* Selection: in each group of ``m`` consecutive features along the last dim, keep the ``n``
+  entries of largest magnitude. Ties go to the lower index; ``-0.0`` and ``+0.0`` tie. NaN ranks
+  above every number (so a NaN is always kept and propagates), then +-inf, then finite values.
+* Norm compensation: ``s = sqrt(||x||^2 / (||x~||^2 + eps))`` per token, in fp32. An all-zero
+  token gets ``s = 0`` (finite). A token holding inf or NaN gets a non-finite ``s``, so its
+  output row is non-finite, as a dense linear's would be: never silently finite.
+* Accumulation in fp32 for bf16/fp16 inputs; the output has the input's dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+NORM_EPS = 1e-12
+"""Default eps of the norm-compensation scale: keeps all-zero tokens at s = 0 instead of NaN."""
+
+
+def _check_pattern(x: Tensor, n: int, m: int) -> None:
+    torch._check(0 < n < m, lambda: f"lynx: pattern needs 0 < n < m, got {n}:{m}")
+    torch._check(
+        x.shape[-1] % m == 0,
+        lambda: f"lynx: in_features ({x.shape[-1]}) must be a multiple of m ({m})",
+    )
+
+
+def keep_mask(x: Tensor, n: int, m: int) -> Tensor:
+    """Boolean mask of the entries kept by the n:m top-|x| selection along the last dim."""
+    groups = x.reshape(*x.shape[:-1], x.shape[-1] // m, m)
+    magnitude = groups.abs().float()
+    is_nan = torch.isnan(magnitude)
+    magnitude = torch.where(is_nan, torch.zeros_like(magnitude), magnitude)
+    # (..., m, 1) against (..., 1, m): does entry j outrank entry i?
+    mag_i, mag_j = magnitude.unsqueeze(-1), magnitude.unsqueeze(-2)
+    nan_i, nan_j = is_nan.unsqueeze(-1), is_nan.unsqueeze(-2)
+    lower_index = torch.ones(m, m, dtype=torch.bool, device=x.device).tril(-1)  # [i, j]: j < i
+    beats = (nan_j & ~nan_i) | ((nan_j == nan_i) & ((mag_j > mag_i) | ((mag_j == mag_i) & lower_index)))
+    rank = beats.sum(dim=-1)
+    return (rank < n).reshape(x.shape)
+
+
+def sparsify_reference(x: Tensor, n: int, m: int, norm_compensation: bool, eps: float) -> tuple[Tensor, Tensor]:
+    """(x~ with dropped entries zeroed, per-token fp32 scale of shape (..., 1))."""
+    kept = torch.where(keep_mask(x, n, m), x, torch.zeros_like(x))
+    if norm_compensation:
+        x32, kept32 = x.float(), kept.float()
+        dense_sq = (x32 * x32).sum(dim=-1, keepdim=True)
+        kept_sq = (kept32 * kept32).sum(dim=-1, keepdim=True)
+        scale = torch.sqrt(dense_sq / (kept_sq + eps))
+    else:
+        scale = torch.ones(*x.shape[:-1], 1, dtype=torch.float32, device=x.device)
+    return kept, scale
+
+
+@torch.library.custom_op("lynx::sparsify", mutates_args=())
+def sparsify(x: Tensor, n: int, m: int, norm_compensation: bool, eps: float = NORM_EPS) -> tuple[Tensor, Tensor]:
+    """n:m-sparsify each token (row) of ``x`` along its last dim.
+
+    Returns ``(x_sparse, scale)``: ``x_sparse`` has ``x``'s shape and dtype with the dropped
+    entries set to zero; ``scale`` is fp32 of shape ``(..., 1)`` (all ones without compensation).
+    """
+    _check_pattern(x, n, m)
+    return sparsify_reference(x, n, m, norm_compensation, eps)
+
+
+@sparsify.register_fake
+def _(x: Tensor, n: int, m: int, norm_compensation: bool, eps: float = NORM_EPS) -> tuple[Tensor, Tensor]:
+    _check_pattern(x, n, m)
+    return torch.empty_like(x), x.new_empty((*x.shape[:-1], 1), dtype=torch.float32)
+
+
+def sparse_linear_reference(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    n: int,
+    m: int,
+    norm_compensation: bool,
+    eps: float,
+    lora_down: Tensor | None,
+    lora_up: Tensor | None,
+) -> Tensor:
+    kept, scale = sparsify_reference(x, n, m, norm_compensation, eps)
+    out = (kept.float() @ weight.float().t()) * scale
+    if lora_down is not None:
+        out = out + (x.float() @ lora_down.float().t()) @ lora_up.float().t()
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(x.dtype)
+
+
+def _check_linear(x: Tensor, weight: Tensor, bias: Tensor | None, n: int, m: int,
+                  lora_down: Tensor | None, lora_up: Tensor | None) -> None:
+    _check_pattern(x, n, m)
+    torch._check(weight.dim() == 2, lambda: f"lynx: weight must be 2-D (out, in), got {tuple(weight.shape)}")
+    torch._check(
+        x.shape[-1] == weight.shape[1],
+        lambda: f"lynx: input has {x.shape[-1]} features but weight expects {weight.shape[1]}",
+    )
+    torch._check(x.dtype == weight.dtype, lambda: f"lynx: input dtype {x.dtype} != weight dtype {weight.dtype}")
+    if bias is not None:
+        torch._check(tuple(bias.shape) == (weight.shape[0],), lambda: f"lynx: bias shape {tuple(bias.shape)} != ({weight.shape[0]},)")
+    torch._check((lora_down is None) == (lora_up is None), lambda: "lynx: lora_down and lora_up come together")
+    if lora_down is not None and lora_up is not None:
+        torch._check(
+            lora_down.dim() == 2 and lora_up.dim() == 2 and lora_down.shape[1] == weight.shape[1]
+            and lora_up.shape[0] == weight.shape[0] and lora_down.shape[0] == lora_up.shape[1],
+            lambda: f"lynx: LoRA factors {tuple(lora_down.shape)} / {tuple(lora_up.shape)} do not fit weight {tuple(weight.shape)}",
+        )
+
+
+@torch.library.custom_op("lynx::sparse_linear", mutates_args=())
+def sparse_linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    n: int,
+    m: int,
+    norm_compensation: bool,
+    eps: float = NORM_EPS,
+    lora_down: Tensor | None = None,
+    lora_up: Tensor | None = None,
+) -> Tensor:
+    """``s * (S(x) @ weight.T) + x @ lora_down.T @ lora_up.T + bias`` for ``x`` of shape (..., K).
+
+    ``weight`` is (N, K) as in ``nn.Linear``; ``lora_down`` is (r, K) and ``lora_up`` (N, r).
+    The LoRA branch sees the dense ``x``. Output: (..., N) in ``x``'s dtype.
+    """
+    _check_linear(x, weight, bias, n, m, lora_down, lora_up)
+    return sparse_linear_reference(x, weight, bias, n, m, norm_compensation, eps, lora_down, lora_up)
+
+
+@sparse_linear.register_fake
+def _(x, weight, bias, n, m, norm_compensation, eps=NORM_EPS, lora_down=None, lora_up=None):
+    _check_linear(x, weight, bias, n, m, lora_down, lora_up)
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
