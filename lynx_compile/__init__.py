@@ -1,0 +1,12 @@
+"""lynx-compile: online N:M activation sparsity for diffusion transformers, as a torch.compile backend.
+
+``torch.compile(model, backend="lynx")`` works without importing this package (entry point).
+"""
+
+from . import ops  # noqa: F401  (registers torch.ops.lynx.*)
+from .backend import LynxBackend, backend, explain
+from .config import LynxConfig
+from .report import LayerDecision, Report
+
+__all__ = ["LayerDecision", "LynxBackend", "LynxConfig", "Report", "backend", "explain"]
+__version__ = "0.1.0"

@@ -1,0 +1,110 @@
+"""The ``lynx`` torch.compile backend: lynx graph passes, then Inductor for everything else."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from dataclasses import replace
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.fx as fx
+
+from . import ops  # noqa: F401  (defines torch.ops.lynx.*)
+from .config import LynxConfig
+from .passes import PassContext, run_pipeline
+from .report import LayerDecision, Report
+
+log = logging.getLogger("lynx_compile")
+_graph_counter = itertools.count()
+
+
+def _load_kernels() -> None:
+    """Register the CUDA implementations of the lynx ops, if this machine has them."""
+    try:
+        from . import kernels  # noqa: F401
+    except ImportError as err:  # pragma: no cover - kernels.py ships with the package
+        log.debug("lynx: no CUDA kernels (%s)", err)
+
+
+class LynxBackend:
+    """A Dynamo backend callable; ``report`` collects the decisions of every graph it compiled."""
+
+    def __init__(self, config: LynxConfig | None = None, *, inductor: bool = True, dump_dir: str | None = None):
+        if config is not None and not isinstance(config, LynxConfig):
+            raise ValueError(f"lynx backend: config must be a LynxConfig, got {type(config).__name__}")
+        self.config = config or LynxConfig()
+        self.inductor = inductor
+        self.dump_dir = dump_dir
+        self.report = Report()
+
+    def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any], **kwargs: Any) -> Callable:
+        options = kwargs.pop("options", None)
+        if kwargs:
+            raise ValueError(f"lynx backend: unexpected keyword(s) {sorted(kwargs)}")
+        config = self.config
+        if options:
+            LynxConfig.from_options(options)  # names the bad key, if any
+            config = replace(config, **options)
+        _load_kernels()
+        graph_index = next(_graph_counter)
+        ctx = PassContext(gm, list(example_inputs), config, graph_index=graph_index)
+        run_pipeline(gm, ctx, self.dump_dir)
+        for decision in ctx.decisions:
+            decision.graph = self.report.graphs
+        self.report.graphs += 1
+        self.report.layers.extend(ctx.decisions)
+        sparse = sum(d.decision == "sparse" for d in ctx.decisions)
+        log.info("lynx graph %d: %d of %d linear layers sparse", graph_index, sparse, len(ctx.decisions))
+        if not self.inductor:
+            return gm.forward
+        from torch._inductor.compile_fx import compile_fx
+
+        # Inference only: compiling under no_grad gives Inductor an inference graph, and the
+        # lynx ops have no backward.
+        with torch.no_grad():
+            compiled = compile_fx(gm, list(example_inputs))
+
+        def run(*args: Any) -> Any:
+            with torch.no_grad():
+                return compiled(*args)
+
+        return run
+
+
+def backend(config: LynxConfig | None = None, **options: Any) -> LynxBackend:
+    """A backend for ``torch.compile(model, backend=lynx_compile.backend(config))``.
+
+    Keyword options, if given, override fields of ``config`` (``backend(pattern="4:8")``).
+    """
+    config = config or LynxConfig()
+    if options:
+        LynxConfig.from_options(options)
+        config = replace(config, **options)
+    return LynxBackend(config)
+
+
+def lynx_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: dict | None = None) -> Callable:
+    """The backend registered as ``"lynx"`` (entry point ``torch_dynamo_backends``)."""
+    return LynxBackend(LynxConfig.from_options(options))(gm, example_inputs)
+
+
+def explain(model: torch.nn.Module | Callable, *example_inputs: Any, config: LynxConfig | None = None, **example_kwargs: Any) -> Report:
+    """Trace ``model`` on the example inputs and report, per linear layer, what lynx would do.
+
+    Runs the lynx passes exactly as ``torch.compile(model, backend="lynx")`` would, but skips
+    Inductor, so it is quick. Graph breaks show up in the report.
+    """
+    recorder = LynxBackend(config, inductor=False)
+    breaks_before = dict(torch._dynamo.utils.counters["graph_break"])
+    compiled = torch.compile(model, backend=recorder, dynamic=False)
+    with torch.no_grad():
+        compiled(*example_inputs, **example_kwargs)
+    breaks_after = torch._dynamo.utils.counters["graph_break"]
+    recorder.report.graph_breaks = [
+        reason for reason, count in breaks_after.items() if count > breaks_before.get(reason, 0)
+    ]
+    return recorder.report
+
+
+__all__ = ["LayerDecision", "LynxBackend", "Report", "backend", "explain", "lynx_backend"]

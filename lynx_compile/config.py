@@ -1,0 +1,106 @@
+"""Every knob of the lynx backend, in one frozen dataclass."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+COMPENSATIONS = ("none", "norm", "lora")
+
+ROLES = ("attn_qkv", "attn_out", "mlp_up", "mlp_down", "conditioning", "embedder", "final", "other")
+"""Roles a linear can play, as recognised from the graph's structure (see passes/roles.py)."""
+
+DEFAULT_SPARSE_ROLES = frozenset({"attn_qkv", "mlp_up", "mlp_down"})
+
+
+@dataclass(frozen=True)
+class LynxConfig:
+    """Configuration of the lynx backend. Every field is checked when the config is built."""
+
+    pattern: str = "2:4"
+    """N:M activation sparsity: keep the N largest |x| in every M consecutive input features of
+    each token. The GPU kernels run "2:4"; any "N:M" with 0 < N < M runs on the reference path."""
+
+    compensation: str = "norm"
+    """"none": plain N:M. "norm": rescale each sparsified token to its dense L2 norm.
+    "lora": norm plus a calibrated low-rank correction fed by the dense input (implies norm)."""
+
+    include: str | None = None
+    """Regex (``re.search``) over module qualified names such as ``blocks.3.mlp.fc2``. When set,
+    the layers it matches are candidates for sparsity whatever their role; when None, the
+    candidates are the layers whose role is in ``sparse_roles``."""
+
+    exclude: str | None = None
+    """Regex over module qualified names that always stay dense; applied after ``include``."""
+
+    sparse_roles: frozenset[str] = DEFAULT_SPARSE_ROLES
+    """Roles sparsified by default, following RT-Lynx: attention q/k/v projections (fused or
+    not) and MLP up/down projections. Modulation, embedders and the final layer stay dense."""
+
+    min_features: int = 256
+    """Linears whose in_features or out_features is below this stay dense: too small to gain
+    from sparse tensor cores, and the most sensitive to dropped features."""
+
+    compensation_state: Mapping[str, tuple[Any, Any]] | None = field(default=None, hash=False, compare=False)
+    """Calibrated LoRA factors keyed by module qualified name: ``name -> (lora_down (r, K),
+    lora_up (N, r))``. Required by ``compensation="lora"``; ignored otherwise."""
+
+    eps: float = 1e-12
+    """eps of the norm-compensation scale sqrt(||x||^2 / (||x~||^2 + eps))."""
+
+    @property
+    def n(self) -> int:
+        return int(self.pattern.split(":")[0])
+
+    @property
+    def m(self) -> int:
+        return int(self.pattern.split(":")[1])
+
+    @property
+    def norm_compensation(self) -> bool:
+        return self.compensation in ("norm", "lora")
+
+    def __post_init__(self) -> None:
+        match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", str(self.pattern))
+        if not isinstance(self.pattern, str) or match is None or not 0 < int(match[1]) < int(match[2]):
+            raise ValueError(f"LynxConfig.pattern: expected 'N:M' with 0 < N < M (e.g. '2:4'), got {self.pattern!r}")
+        object.__setattr__(self, "pattern", f"{int(match[1])}:{int(match[2])}")
+        if self.compensation not in COMPENSATIONS:
+            raise ValueError(f"LynxConfig.compensation: expected one of {COMPENSATIONS}, got {self.compensation!r}")
+        if self.compensation == "lora" and self.compensation_state is None:
+            raise ValueError(
+                "LynxConfig.compensation_state: compensation='lora' needs calibrated LoRA factors "
+                "(a mapping 'module name' -> (lora_down, lora_up)); use 'norm' or 'none' without them"
+            )
+        if self.compensation_state is not None and not isinstance(self.compensation_state, Mapping):
+            raise ValueError(f"LynxConfig.compensation_state: expected a mapping of module name -> (lora_down, lora_up), got {type(self.compensation_state).__name__}")
+        for name in ("include", "exclude"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if not isinstance(value, str):
+                raise ValueError(f"LynxConfig.{name}: expected a regex string or None, got {value!r}")
+            try:
+                re.compile(value)
+            except re.error as err:
+                raise ValueError(f"LynxConfig.{name}: invalid regex {value!r}: {err}") from None
+        roles = self.sparse_roles
+        if isinstance(roles, str) or not all(role in ROLES for role in roles):
+            raise ValueError(f"LynxConfig.sparse_roles: expected a set drawn from {ROLES}, got {roles!r}")
+        object.__setattr__(self, "sparse_roles", frozenset(roles))
+        if isinstance(self.min_features, bool) or not isinstance(self.min_features, int) or self.min_features < 0:
+            raise ValueError(f"LynxConfig.min_features: expected an int >= 0, got {self.min_features!r}")
+        if not isinstance(self.eps, (int, float)) or isinstance(self.eps, bool) or not 0 < self.eps < 1:
+            raise ValueError(f"LynxConfig.eps: expected a float in (0, 1), got {self.eps!r}")
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any] | None) -> "LynxConfig":
+        """Build from ``torch.compile(..., options={...})``; unknown keys raise ValueError."""
+        options = dict(options or {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ValueError(f"lynx options: unknown key(s) {unknown}; accepted keys are {sorted(known)}")
+        return cls(**options)

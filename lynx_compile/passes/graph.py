@@ -1,0 +1,158 @@
+"""What every lynx pass needs to read a Dynamo FX graph: op names, constants, qualified names.
+
+The passes run on the graph Dynamo hands the backend (torch-level IR, before AOT autograd), so
+an op shows up as ``call_function`` on a torch/operator callable or as ``call_method`` on a
+tensor. ``op_name`` folds all those spellings (``F.linear``, ``torch._C._nn.linear``,
+``x.matmul``, ``operator.matmul``...) into one lowercase name.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from ..config import LynxConfig
+from ..report import LayerDecision
+
+
+def op_name(node: fx.Node) -> str:
+    if node.op == "call_method":
+        return str(node.target)
+    if node.op == "call_function":
+        return getattr(node.target, "__name__", str(node.target)).lower()
+    return node.op
+
+
+def fake_value(node: Any) -> Any:
+    """The FakeTensor (or SymInt) Dynamo recorded for a node, or None."""
+    if not isinstance(node, fx.Node):
+        return None
+    return node.meta.get("example_value", node.meta.get("val"))
+
+
+def set_fake_value(node: fx.Node, value: Any) -> None:
+    node.meta["example_value"] = value
+    node.meta["val"] = value
+
+
+def tensor_rank(node: Any) -> int | None:
+    value = fake_value(node)
+    return value.dim() if isinstance(value, torch.Tensor) else None
+
+
+_ROOT = re.compile(r"^[A-Z]\[['\"][^'\"]*['\"]\]\.?")
+_PART = re.compile(r"\._(?:modules|parameters|buffers)\[['\"]([^'\"]+)['\"]\]|\[['\"]?([^'\"\]]+)['\"]?\]|\.(\w+)")
+
+
+def qualified_name(source_name: str) -> str:
+    """``L['self']._modules['blocks']._modules['0']._parameters['weight']`` -> ``blocks.0.weight``.
+
+    Also takes the ``L['self'].blocks[0].fc1`` spelling of ``nn_module_stack``. A compiled
+    wrapper's ``_orig_mod`` level is dropped, so names match ``model.named_modules()``.
+    """
+    rest = _ROOT.sub("", source_name.strip(), count=1)
+    if rest and rest[0] not in ".[":
+        rest = "." + rest
+    parts = [next(p for p in match.groups() if p is not None) for match in _PART.finditer(rest)]
+    return ".".join(p for p in parts if p != "_orig_mod")
+
+
+_TRANSPOSES = {"t", "T", "mT", "transpose", "permute", "swapaxes", "swapdims"}
+
+
+@dataclass
+class PassContext:
+    """State shared by the passes of one compiled graph."""
+
+    gm: fx.GraphModule
+    example_inputs: list[Any]
+    config: LynxConfig
+    decisions: list[LayerDecision] = field(default_factory=list)
+    fake_mode: Any = None
+    graph_index: int = 0
+    """Position of this graph among those compiled in this process (names dump folders)."""
+
+    def __post_init__(self) -> None:
+        placeholders = [n for n in self.gm.graph.nodes if n.op == "placeholder"]
+        self._placeholder_values = dict(zip(placeholders, self.example_inputs))
+        if self.fake_mode is None:
+            self.fake_mode = torch._guards.detect_fake_mode()
+        if self.fake_mode is None:
+            values = [fake_value(n) for n in placeholders]
+            self.fake_mode = torch._guards.detect_fake_mode([v for v in values if v is not None])
+
+    def parameter_name(self, node: fx.Node) -> str | None:
+        """Qualified name of the parameter/buffer a node stands for, or None if it is not one."""
+        if node.op == "get_attr":
+            return str(node.target)
+        if node.op != "placeholder":
+            return None
+        grapharg = node.meta.get("grapharg")
+        source = getattr(grapharg, "source", None)
+        source_name = source.name() if callable(getattr(source, "name", None)) else getattr(source, "name", None)
+        example = self._placeholder_values.get(node)
+        is_param = isinstance(example, torch.nn.Parameter) or (
+            isinstance(source_name, str) and re.search(r"_(parameters|buffers)\[", source_name) is not None
+        )
+        if not is_param or not isinstance(source_name, str):
+            return None
+        return qualified_name(source_name)
+
+    def constant(self, node: Any) -> torch.Tensor | None:
+        """The real tensor behind a parameter/buffer node, or a transpose view of one; else None.
+
+        Inference only: weights are read once, at compile time, and treated as constants.
+        """
+        if not isinstance(node, fx.Node):
+            return None
+        if node.op == "get_attr":
+            value = self.gm
+            for atom in str(node.target).split("."):
+                value = getattr(value, atom, None)
+            return value if isinstance(value, torch.Tensor) else None
+        if node.op == "placeholder":
+            if self.parameter_name(node) is None:
+                return None
+            value = self._placeholder_values.get(node)
+            return value if isinstance(value, torch.Tensor) else None
+        name = op_name(node)
+        if name in _TRANSPOSES and node.args:
+            base = self.constant(node.args[0])
+            if base is None or base.dim() != 2:
+                return None
+            if name == "permute":
+                dims = node.args[1:] if len(node.args) > 2 else node.args[1]
+                return base.permute(*dims)
+            if name in ("transpose", "swapaxes", "swapdims"):
+                return base.transpose(*node.args[1:3])
+            return base.t()
+        if name == "getattr" and len(node.args) == 2 and node.args[1] in _TRANSPOSES:
+            base = self.constant(node.args[0])
+            return base.t() if base is not None and base.dim() == 2 else None
+        return None
+
+    def constant_root(self, node: fx.Node) -> fx.Node:
+        """The parameter node under any transpose views (for naming the layer)."""
+        while node.op not in ("placeholder", "get_attr") and node.args and isinstance(node.args[0], fx.Node):
+            node = node.args[0]
+        return node
+
+    def fake(self, tensor: torch.Tensor) -> Any:
+        return self.fake_mode.from_tensor(tensor) if self.fake_mode is not None else None
+
+    def add_constant(self, name_hint: str, tensor: torch.Tensor, before: fx.Node) -> fx.Node:
+        """Attach ``tensor`` to the graph module as a constant and return its get_attr node."""
+        base = re.sub(r"\W", "_", f"_lynx_{name_hint}")
+        name, i = base, 0
+        while hasattr(self.gm, name):
+            i += 1
+            name = f"{base}_{i}"
+        self.gm.register_buffer(name, tensor, persistent=False)
+        with self.gm.graph.inserting_before(before):
+            node = self.gm.graph.get_attr(name)
+        set_fake_value(node, self.fake(tensor))
+        return node

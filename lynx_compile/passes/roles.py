@@ -1,0 +1,132 @@
+"""Which role a linear layer plays in a diffusion transformer, read off the graph's structure.
+
+Names differ between DiT, PixArt, diffusers and Flux checkouts (``qkv``, ``to_q``, ``attn.c_attn``,
+``fc1``, ``ff.net.0.proj``...), but the dataflow around each role does not. This module is an
+analysis used by ``select_linears``; it changes nothing. Roles, checked in this order:
+
+``conditioning``  the input is per-sample: no ancestor of it carries a token dimension (every
+                  non-constant ancestor has rank <= 2). adaLN modulation, timestep/class/pooled
+                  text embedders.
+``embedder``      token-wise, but no normalisation lies upstream: patch, context and caption
+                  projections that read the raw model inputs.
+``final``         the output reaches the graph output through layout ops only (unpatchify).
+``attn_qkv``      the output reaches an attention op as query, key or value (also fused qkv,
+                  Flux's fused qkv+MLP linear, and hand-written softmax attention).
+``mlp_up``        the output reaches an activation function through layout ops.
+``mlp_down``      the input comes from an activation function (through layout ops, gating
+                  products and concatenation).
+``attn_out``      the input comes from an attention op through layout ops.
+``other``         none of the above.
+"""
+
+from __future__ import annotations
+
+import torch.fx as fx
+
+from .graph import PassContext, op_name, tensor_rank
+
+LINEAR_OPS = {"linear", "matmul", "mm", "bmm", "addmm", "baddbmm", "einsum", "conv1d", "conv2d", "conv3d", "__matmul__"}
+ATTENTION_OPS = {"scaled_dot_product_attention", "flash_attn_func", "flex_attention"}
+ACTIVATIONS = {"gelu", "silu", "relu", "relu_", "mish", "hardswish", "leaky_relu", "sigmoid", "softplus", "elu", "selu", "celu", "quick_gelu", "gelu_tanh", "relu6", "glu"}
+NORMS = {"layer_norm", "rms_norm", "group_norm", "batch_norm", "instance_norm", "rsqrt", "normalize"}
+LAYOUT = {
+    "view", "reshape", "permute", "transpose", "t", "contiguous", "flatten", "unflatten", "squeeze",
+    "unsqueeze", "expand", "getitem", "chunk", "split", "unbind", "tensor_split", "narrow", "select",
+    "movedim", "swapaxes", "swapdims", "to", "float", "half", "bfloat16", "type", "type_as", "clone",
+    "dropout", "cat", "concat", "concatenate", "stack", "einsum", "identity", "repeat", "view_as",
+}
+GATING = {"mul", "__mul__", "imul", "add", "__add__", "sub", "tanh", "pow", "div", "truediv"}
+_MAX_HOPS = 24
+
+
+def _users(node: fx.Node) -> list[fx.Node]:
+    return list(node.users)
+
+
+def _tensor_inputs(node: fx.Node) -> list[fx.Node]:
+    return [a for a in node.all_input_nodes if tensor_rank(a) is not None]
+
+
+def _search(start: fx.Node, step, through: set[str] | None, found, max_hops: int = _MAX_HOPS) -> bool:
+    """Breadth-first walk from ``start`` via ``step``; True once ``found(node, came_from)`` holds.
+
+    The walk goes on only through ops named in ``through`` (any op but a linear one when None).
+    """
+    frontier, seen = [(start, None)], {start}
+    for _ in range(max_hops):
+        next_frontier = []
+        for node, came_from in frontier:
+            for nxt in step(node):
+                if nxt in seen:
+                    continue
+                seen.add(nxt)
+                if found(nxt, node):
+                    return True
+                name = op_name(nxt)
+                passable = name not in LINEAR_OPS and (through is None or name in through)
+                if passable and nxt.op in ("call_function", "call_method"):
+                    next_frontier.append((nxt, node))
+        frontier = next_frontier
+        if not frontier:
+            break
+    return False
+
+
+def _is_attention_input(node: fx.Node, came_from: fx.Node) -> bool:
+    name = op_name(node)
+    if name in ATTENTION_OPS:
+        qkv = list(node.args[:3]) + [node.kwargs.get(k) for k in ("query", "key", "value")]
+        return came_from in qkv
+    if name in ("matmul", "bmm", "__matmul__", "einsum"):
+        # Hand-written attention: scores = q @ k^T feed a softmax; out = probs @ v.
+        feeds_softmax = _search(node, _users, LAYOUT | GATING, lambda n, _: op_name(n) == "softmax", 4)
+        takes_softmax = any(
+            _search(a, lambda n: n.all_input_nodes, LAYOUT, lambda n, _: op_name(n) == "softmax", 3) or op_name(a) == "softmax"
+            for a in node.all_input_nodes
+        )
+        return feeds_softmax or takes_softmax
+    return False
+
+
+def _is_attention_output(node: fx.Node) -> bool:
+    if op_name(node) in ATTENTION_OPS:
+        return True
+    if op_name(node) in ("matmul", "bmm", "__matmul__", "einsum"):
+        return any(op_name(a) == "softmax" for a in node.all_input_nodes)
+    return False
+
+
+class RoleAnalysis:
+    """Structural facts about one graph, computed once in topological order."""
+
+    def __init__(self, ctx: PassContext):
+        self.max_rank_upstream: dict[fx.Node, int] = {}
+        """Largest rank among the non-constant tensors a node is computed from (itself included)."""
+        self.norm_upstream: dict[fx.Node, bool] = {}
+        """Whether a normalisation op lies upstream of a node (or is the node)."""
+        for node in ctx.gm.graph.nodes:
+            if ctx.parameter_name(node) is not None:
+                self.max_rank_upstream[node], self.norm_upstream[node] = 0, False
+                continue
+            inputs = node.all_input_nodes
+            self.max_rank_upstream[node] = max([tensor_rank(node) or 0] + [self.max_rank_upstream[a] for a in inputs])
+            self.norm_upstream[node] = op_name(node) in NORMS or any(self.norm_upstream[a] for a in inputs)
+
+    def role(self, linear: fx.Node) -> str:
+        x = linear.args[0]
+        if self.max_rank_upstream[x] <= 2:
+            return "conditioning"
+        if not self.norm_upstream[x]:
+            return "embedder"
+        if _search(linear, _users, LAYOUT, lambda n, _: n.op == "output", 12):
+            return "final"
+        if _search(linear, _users, None, _is_attention_input):
+            return "attn_qkv"
+        if _search(linear, _users, LAYOUT, lambda n, _: op_name(n) in ACTIVATIONS, 8):
+            return "mlp_up"
+        inputs = lambda n: _tensor_inputs(n)
+        if op_name(x) in ACTIVATIONS or _search(x, inputs, LAYOUT | GATING, lambda n, _: op_name(n) in ACTIVATIONS, 8):
+            return "mlp_down"
+        if _is_attention_output(x) or _search(x, inputs, LAYOUT, lambda n, _: _is_attention_output(n), 8):
+            return "attn_out"
+        return "other"

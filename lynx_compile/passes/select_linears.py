@@ -1,0 +1,111 @@
+"""Decide, for every linear layer, whether it runs sparse, and record why.
+
+Matches:
+    ``torch.nn.functional.linear(x, W, b)`` calls (after ``normalize_linears``).
+Replaces with:
+    nothing: it annotates each such node with ``node.meta["lynx"]``, a ``LayerDecision`` that
+    ``sparsify_linears`` acts on and ``explain()`` reports.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.fx as fx
+
+from ..report import LayerDecision
+from .graph import PassContext, fake_value, op_name, qualified_name
+from .roles import RoleAnalysis
+
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+ROLE_REASONS = {
+    "conditioning": "per-sample conditioning (modulation / timestep / class embedding): no token dimension",
+    "embedder": "input embedder (no normalisation upstream): reads raw model inputs",
+    "final": "final projection to the model output",
+    "attn_out": "attention output projection: outside RT-Lynx's sparse set",
+    "other": "role not recognised",
+}
+
+
+def is_linear(node: fx.Node) -> bool:
+    return node.op == "call_function" and op_name(node) == "linear"
+
+
+def _layer_name(ctx: PassContext, linear: fx.Node, weight: fx.Node) -> str:
+    param = ctx.parameter_name(ctx.constant_root(weight))
+    if param is not None:
+        return param[: -len(".weight")] if param.endswith(".weight") else param
+    stack = linear.meta.get("nn_module_stack")
+    if stack:
+        return qualified_name(list(stack.values())[-1][0])
+    return linear.name
+
+
+def _kernel_path(device: torch.device, dtype: torch.dtype, k: int, n_out: int, n: int, m: int) -> tuple[bool, str]:
+    """(runs sparse, how or why not) for the device the weight lives on."""
+    if device.type != "cuda":
+        return True, f"reference path ({device.type})"
+    try:
+        from .. import kernels
+    except ImportError as err:  # pragma: no cover - the module ships with the package
+        return True, f"reference path (no CUDA kernels: {err})"
+    if not kernels.available():
+        return True, f"reference path (CUDA kernels unavailable: {kernels.unavailable_reason()})"
+    reason = kernels.unsupported_reason(device, dtype, k, n_out, n, m)
+    if reason is None:
+        return True, "CUDA sparse kernel"
+    if (n, m) != (2, 4):
+        return True, f"reference path ({reason})"
+    return False, f"kernel cannot take it: {reason}"
+
+
+def decide(ctx: PassContext, analysis: RoleAnalysis, linear: fx.Node) -> LayerDecision:
+    config = ctx.config
+    x, weight = linear.args[0], linear.args[1]
+    bias = linear.args[2] if len(linear.args) > 2 else linear.kwargs.get("bias")
+    x_fake, w_fake = fake_value(x), fake_value(weight)
+    n_out, k = (int(w_fake.shape[0]), int(w_fake.shape[1])) if isinstance(w_fake, torch.Tensor) else (0, 0)
+    tokens = None
+    if isinstance(x_fake, torch.Tensor) and k:
+        rows = x_fake.numel() // k
+        tokens = int(rows) if isinstance(rows, int) or getattr(rows, "node", None) is None or rows.node.is_constant() else str(rows)
+    role = analysis.role(linear)
+    layer = LayerDecision(_layer_name(ctx, linear, weight), k, n_out, tokens, role, "dense", "")
+
+    def dense(reason: str) -> LayerDecision:
+        layer.reason = reason
+        return layer
+
+    if ctx.constant(weight) is None:
+        return dense("weight is not a constant parameter or buffer")
+    if bias is not None and ctx.constant(bias) is None:
+        return dense("bias is not a constant parameter or buffer")
+    if config.include is not None:
+        if not re.search(config.include, layer.name):
+            return dense("not matched by include")
+    elif role not in config.sparse_roles:
+        return dense(ROLE_REASONS.get(role, f"role {role} not in sparse_roles"))
+    if config.exclude is not None and re.search(config.exclude, layer.name):
+        return dense("matched by exclude")
+    if x_fake.dtype not in _FLOAT_DTYPES or w_fake.dtype != x_fake.dtype:
+        return dense(f"dtype {x_fake.dtype} (weight {w_fake.dtype}): only matching float32/bfloat16/float16 runs sparse")
+    if k % config.m:
+        return dense(f"in_features {k} is not a multiple of {config.m} (pattern {config.pattern})")
+    if min(k, n_out) < config.min_features:
+        return dense(f"{k} -> {n_out} is below min_features={config.min_features}")
+    sparse, how = _kernel_path(w_fake.device, w_fake.dtype, k, n_out, config.n, config.m)
+    if not sparse:
+        return dense(how)
+    layer.decision, layer.reason = "sparse", how
+    layer.pattern, layer.compensation = config.pattern, config.compensation
+    return layer
+
+
+def select_linears(gm: fx.GraphModule, ctx: PassContext) -> None:
+    analysis = RoleAnalysis(ctx)
+    for node in gm.graph.nodes:
+        if is_linear(node):
+            node.meta["lynx"] = decide(ctx, analysis, node)
+            ctx.decisions.append(node.meta["lynx"])

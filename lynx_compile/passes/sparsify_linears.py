@@ -1,0 +1,48 @@
+"""Replace each linear layer selected for sparsity with one lynx custom-op call.
+
+Matches:
+    ``torch.nn.functional.linear(x, W, b)`` whose ``node.meta["lynx"]`` decision is ``sparse``.
+Replaces with:
+    ``torch.ops.lynx.sparse_linear(x, W, b, n, m, norm_compensation, eps, lora_down, lora_up)``:
+    N:M selection, norm compensation and the optional LoRA correction folded into one op, so
+    Inductor sees a single extern call per layer and compiles everything around it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from .graph import PassContext, fake_value, set_fake_value
+from .select_linears import is_linear
+
+
+def sparsify_linears(gm: fx.GraphModule, ctx: PassContext) -> None:
+    config = ctx.config
+    lora_factors = config.compensation_state or {}
+    graph = gm.graph
+    for node in list(graph.nodes):
+        decision = node.meta.get("lynx")
+        if not is_linear(node) or decision is None or decision.decision != "sparse":
+            continue
+        x, weight = node.args[0], node.args[1]
+        bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        lora_down = lora_up = None
+        if config.compensation == "lora":
+            if decision.name in lora_factors:
+                down, up = lora_factors[decision.name]
+                device, dtype = fake_value(x).device, fake_value(x).dtype
+                lora_down = ctx.add_constant(f"{decision.name}_lora_down", down.detach().to(device, dtype), node)
+                lora_up = ctx.add_constant(f"{decision.name}_lora_up", up.detach().to(device, dtype), node)
+            else:
+                decision.compensation = "norm"
+                decision.reason += "; no LoRA factors for this layer, norm compensation only"
+        with graph.inserting_before(node):
+            sparse = graph.call_function(
+                torch.ops.lynx.sparse_linear.default,
+                (x, weight, bias, config.n, config.m, config.norm_compensation, config.eps, lora_down, lora_up),
+            )
+        sparse.meta.update(node.meta)
+        set_fake_value(sparse, fake_value(node))
+        node.replace_all_uses_with(sparse)
+        graph.erase_node(node)

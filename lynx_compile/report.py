@@ -1,0 +1,95 @@
+"""What the lynx passes decided for each linear layer, and why."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from tabulate import tabulate
+
+
+@dataclass
+class LayerDecision:
+    """One linear layer of one compiled graph."""
+
+    name: str
+    """Module qualified name, as in ``model.named_modules()`` (``blocks.3.mlp.fc2``)."""
+    in_features: int
+    out_features: int
+    tokens: int | str | None
+    """Rows the layer multiplies (M) in the traced example; a string when it is symbolic."""
+    role: str
+    """Structural role (``attn_qkv``, ``mlp_up``, ``conditioning``...); see passes/roles.py."""
+    decision: str
+    """``sparse`` or ``dense``."""
+    reason: str
+    """Why it stays dense, or which sparse path runs it."""
+    pattern: str | None = None
+    compensation: str | None = None
+    graph: int = 0
+    """Index of the compiled graph (more than one only when Dynamo broke the graph)."""
+
+    @property
+    def flops(self) -> int | None:
+        return 2 * self.tokens * self.in_features * self.out_features if isinstance(self.tokens, int) else None
+
+
+@dataclass
+class Report:
+    """Per-layer decisions of the lynx backend on one model, as ``explain()`` returns them."""
+
+    layers: list[LayerDecision] = field(default_factory=list)
+    graphs: int = 0
+    """Graphs Dynamo produced: 1 means no graph break."""
+    graph_breaks: list[str] = field(default_factory=list)
+
+    @property
+    def sparse(self) -> list[LayerDecision]:
+        return [layer for layer in self.layers if layer.decision == "sparse"]
+
+    @property
+    def dense(self) -> list[LayerDecision]:
+        return [layer for layer in self.layers if layer.decision == "dense"]
+
+    def sparse_flop_share(self) -> float | None:
+        """Share of linear-layer FLOPs in the example that run on the sparse path."""
+        flops = [(layer.flops, layer.decision) for layer in self.layers]
+        if not flops or any(f is None for f, _ in flops):
+            return None
+        total = sum(f for f, _ in flops)
+        return sum(f for f, d in flops if d == "sparse") / total if total else 0.0
+
+    def table(self, tablefmt: str = "simple") -> str:
+        rows = [
+            (
+                layer.name,
+                f"{layer.tokens} x {layer.in_features} -> {layer.out_features}",
+                layer.role,
+                layer.decision,
+                layer.reason,
+            )
+            for layer in self.layers
+        ]
+        return tabulate(rows, headers=("layer", "M x K -> N", "role", "decision", "reason"), tablefmt=tablefmt)
+
+    def summary(self) -> str:
+        share = self.sparse_flop_share()
+        share_text = f", {share:.1%} of linear FLOPs" if share is not None else ""
+        breaks = f", {len(self.graph_breaks)} graph break(s)" if self.graph_breaks else ", no graph breaks"
+        return (
+            f"{len(self.sparse)} of {len(self.layers)} linear layers sparse{share_text}; "
+            f"{self.graphs} graph(s){breaks}"
+        )
+
+    def to_json(self) -> str:
+        payload: dict[str, Any] = {
+            "graphs": self.graphs,
+            "graph_breaks": self.graph_breaks,
+            "sparse_flop_share": self.sparse_flop_share(),
+            "layers": [asdict(layer) | {"flops": layer.flops} for layer in self.layers],
+        }
+        return json.dumps(payload, indent=2)
+
+    def __str__(self) -> str:
+        return f"{self.table()}\n{self.summary()}"
