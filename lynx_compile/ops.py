@@ -13,7 +13,7 @@ Numerics shared by all implementations:
 * Norm compensation: ``s = sqrt(||x||^2 / (||x~||^2 + eps))`` per token, in fp32. An all-zero
   token gets ``s = 0`` (finite). A token holding inf or NaN gets a non-finite ``s``, so its
   output row is non-finite, as a dense linear's would be: never silently finite.
-* Accumulation in fp32 for bf16/fp16 inputs; the output has the input's dtype.
+* Accumulation in fp32 for bf16/fp16 inputs (fp64 stays fp64); the output has the input's dtype.
 """
 
 from __future__ import annotations
@@ -48,16 +48,22 @@ def keep_mask(x: Tensor, n: int, m: int) -> Tensor:
     return (rank < n).reshape(x.shape)
 
 
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for bf16/fp16/fp32 inputs; fp64 stays fp64."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def sparsify_reference(x: Tensor, n: int, m: int, norm_compensation: bool, eps: float) -> tuple[Tensor, Tensor]:
-    """(x~ with dropped entries zeroed, per-token fp32 scale of shape (..., 1))."""
+    """(x~ with dropped entries zeroed, per-token scale of shape (..., 1) in the accumulation dtype)."""
     kept = torch.where(keep_mask(x, n, m), x, torch.zeros_like(x))
+    acc = accumulation_dtype(x.dtype)
     if norm_compensation:
-        x32, kept32 = x.float(), kept.float()
-        dense_sq = (x32 * x32).sum(dim=-1, keepdim=True)
-        kept_sq = (kept32 * kept32).sum(dim=-1, keepdim=True)
+        x_acc, kept_acc = x.to(acc), kept.to(acc)
+        dense_sq = (x_acc * x_acc).sum(dim=-1, keepdim=True)
+        kept_sq = (kept_acc * kept_acc).sum(dim=-1, keepdim=True)
         scale = torch.sqrt(dense_sq / (kept_sq + eps))
     else:
-        scale = torch.ones(*x.shape[:-1], 1, dtype=torch.float32, device=x.device)
+        scale = torch.ones(*x.shape[:-1], 1, dtype=acc, device=x.device)
     return kept, scale
 
 
@@ -69,7 +75,8 @@ def sparsify(x: Tensor, n: int, m: int, norm_compensation: bool, eps: float = NO
     entries set to zero; ``scale`` is fp32 of shape ``(..., 1)`` (all ones without compensation).
     """
     _check_pattern(x, n, m)
-    return sparsify_reference(x, n, m, norm_compensation, eps)
+    kept, scale = sparsify_reference(x, n, m, norm_compensation, eps)
+    return kept, scale.float()
 
 
 @sparsify.register_fake
@@ -90,11 +97,12 @@ def sparse_linear_reference(
     lora_up: Tensor | None,
 ) -> Tensor:
     kept, scale = sparsify_reference(x, n, m, norm_compensation, eps)
-    out = (kept.float() @ weight.float().t()) * scale
-    if lora_down is not None:
-        out = out + (x.float() @ lora_down.float().t()) @ lora_up.float().t()
+    acc = scale.dtype
+    out = (kept.to(acc) @ weight.to(acc).t()) * scale
+    if lora_down is not None and lora_up is not None:
+        out = out + (x.to(acc) @ lora_down.to(acc).t()) @ lora_up.to(acc).t()
     if bias is not None:
-        out = out + bias.float()
+        out = out + bias.to(acc)
     return out.to(x.dtype)
 
 
