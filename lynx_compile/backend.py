@@ -50,26 +50,31 @@ class LynxBackend:
         graph_index = next(_graph_counter)
         ctx = PassContext(gm, list(example_inputs), config, graph_index=graph_index)
         run_pipeline(gm, ctx, self.dump_dir)
-        for decision in ctx.decisions:
+        if self.inductor:
+            from torch._inductor.compile_fx import compile_fx
+
+            # Inference only: compiling under no_grad gives Inductor an inference graph, and
+            # the lynx ops have no backward.
+            with torch.no_grad():
+                inductor_compiled = compile_fx(gm, list(example_inputs))
+
+            def compiled(*args: Any) -> Any:
+                with torch.no_grad():
+                    return inductor_compiled(*args)
+        else:
+            compiled = gm.forward
+        # Recorded only now: Inductor may raise to make Dynamo restart the trace, and the
+        # retried graph then comes through here again.
+        self._record(ctx.decisions, graph_index)
+        return compiled
+
+    def _record(self, decisions: list[LayerDecision], graph_index: int) -> None:
+        for decision in decisions:
             decision.graph = self.report.graphs
         self.report.graphs += 1
-        self.report.layers.extend(ctx.decisions)
-        sparse = sum(d.decision == "sparse" for d in ctx.decisions)
-        log.info("lynx graph %d: %d of %d linear layers sparse", graph_index, sparse, len(ctx.decisions))
-        if not self.inductor:
-            return gm.forward
-        from torch._inductor.compile_fx import compile_fx
-
-        # Inference only: compiling under no_grad gives Inductor an inference graph, and the
-        # lynx ops have no backward.
-        with torch.no_grad():
-            compiled = compile_fx(gm, list(example_inputs))
-
-        def run(*args: Any) -> Any:
-            with torch.no_grad():
-                return compiled(*args)
-
-        return run
+        self.report.layers.extend(decisions)
+        sparse = sum(d.decision == "sparse" for d in decisions)
+        log.info("lynx graph %d: %d of %d linear layers sparse", graph_index, sparse, len(decisions))
 
 
 def backend(config: LynxConfig | None = None, **options: Any) -> LynxBackend:

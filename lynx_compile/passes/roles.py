@@ -7,11 +7,12 @@ analysis used by ``select_linears``; it changes nothing. Roles, checked in this 
 ``conditioning``  the input is per-sample: no ancestor of it carries a token dimension (every
                   non-constant ancestor has rank <= 2). adaLN modulation, timestep/class/pooled
                   text embedders.
+``attn_qkv``      the output reaches an attention op as query, key or value (also fused qkv,
+                  Flux's fused qkv+MLP linear, cross-attention k/v over text tokens, and
+                  hand-written softmax attention).
 ``embedder``      token-wise, but no normalisation lies upstream: patch, context and caption
                   projections that read the raw model inputs.
 ``final``         the output reaches the graph output through layout ops only (unpatchify).
-``attn_qkv``      the output reaches an attention op as query, key or value (also fused qkv,
-                  Flux's fused qkv+MLP linear, and hand-written softmax attention).
 ``mlp_up``        the output reaches an activation function through layout ops.
 ``mlp_down``      the input comes from an activation function (through layout ops, gating
                   products and concatenation).
@@ -116,12 +117,12 @@ class RoleAnalysis:
         x = linear.args[0]
         if self.max_rank_upstream[x] <= 2:
             return "conditioning"
+        if _search(linear, _users, None, _is_attention_input):
+            return "attn_qkv"
         if not self.norm_upstream[x]:
             return "embedder"
         if _search(linear, _users, LAYOUT, lambda n, _: n.op == "output", 12):
             return "final"
-        if _search(linear, _users, None, _is_attention_input):
-            return "attn_qkv"
         if _search(linear, _users, LAYOUT, lambda n, _: op_name(n) in ACTIVATIONS, 8):
             return "mlp_up"
         inputs = lambda n: _tensor_inputs(n)

@@ -1,0 +1,460 @@
+"""CUDA kernels for the ``lynx`` ops: 2:4 online activation sparsification + sm90 sparse GEMM.
+
+The kernels live in one torch-ABI-independent shared library built by ``nvcc`` from ``cuda/*.cu``
+(CUTLASS 3.x headers from the ``nvidia-cutlass`` wheel, target ``sm_90a``) and loaded with ctypes.
+Entry points take raw device pointers, sizes and a ``cudaStream_t``; every buffer is allocated
+by torch here, so the ops stay CUDA-graph safe (no host syncs, no cudaMalloc in the hot path).
+
+Build: just in time on first use (``nvcc`` in parallel, one progress line on stderr, a few minutes),
+cached under ``$LYNX_COMPILE_CACHE_DIR`` (default ``~/.cache/lynx_compile``) in ``<source-hash>/``,
+written through a temporary directory and an atomic rename under a file lock. ``LYNX_COMPILE_LIB``
+points at a prebuilt library instead; ``python -m lynx_compile.kernels`` builds ahead of time.
+
+The graph pass calls :func:`unsupported_reason` at compile time; ``None`` means the CUDA kernel
+takes the layer. The weight needs no preparation: ``nn.Linear``'s (N, K) row-major weight is the
+kernel's dense operand as is. Importing this module registers the CUDA implementation of
+``lynx::sparse_linear`` when torch sees a CUDA device; importing never builds and never fails.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from lynx_compile import ops
+
+__all__ = [
+    "available",
+    "unsupported_reason",
+    "build",
+    "compress_2to4",
+    "sparse_mm_compressed",
+    "sparse_linear_cuda",
+    "metadata_bytes",
+    "gemm_configs",
+    "choose_config",
+]
+
+_SRC_DIR = Path(os.environ.get("LYNX_COMPILE_CUDA_SRC", Path(__file__).resolve().parent.parent / "cuda"))
+_LIB_NAME = "liblynx_kernels.so"
+_NVCC_FLAGS = [
+    "-std=c++17", "-O3", "-DNDEBUG", "-Xcompiler", "-fPIC", "--expt-relaxed-constexpr",
+    "-gencode", "arch=compute_90a,code=sm_90a",
+]
+_DTYPES = (torch.bfloat16, torch.float16)
+K_MULTIPLE = 64
+N_MULTIPLE = 8
+
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_lib_error: str | None = None
+
+
+# --------------------------------------------------------------------------------------------
+# Build and load
+# --------------------------------------------------------------------------------------------
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("LYNX_COMPILE_CACHE_DIR", Path.home() / ".cache" / "lynx_compile"))
+
+
+def _cutlass_includes() -> list[str]:
+    root = os.environ.get("CUTLASS_PATH")
+    if root:
+        base = Path(root)
+    else:
+        try:
+            import cutlass_library  # the nvidia-cutlass wheel ships the C++ tree
+        except ImportError as exc:
+            raise RuntimeError("CUTLASS headers not found: pip install nvidia-cutlass, or set CUTLASS_PATH") from exc
+        base = Path(cutlass_library.__file__).resolve().parent / "source"
+    incs = [base / "include", base / "tools" / "util" / "include"]
+    if not (incs[0] / "cute" / "tensor.hpp").exists():
+        raise RuntimeError(f"CUTLASS headers not found under {base}")
+    return [str(p) for p in incs]
+
+
+def _nvcc() -> str:
+    for cand in (os.environ.get("NVCC"), os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "nvcc")):
+        if cand and os.path.exists(cand):
+            return cand
+    import shutil
+
+    found = shutil.which("nvcc")
+    if not found:
+        raise RuntimeError("nvcc not found (set CUDA_HOME or NVCC)")
+    return found
+
+
+def _sources() -> list[Path]:
+    if not _SRC_DIR.is_dir():
+        raise RuntimeError(f"CUDA sources not found at {_SRC_DIR}")
+    return sorted(_SRC_DIR.glob("*.cu"))
+
+
+def _source_hash() -> str:
+    h = hashlib.sha256()
+    for p in sorted(list(_SRC_DIR.glob("*.cu")) + list(_SRC_DIR.glob("*.cuh")) + list(_SRC_DIR.glob("*.h"))
+                    + list(_SRC_DIR.glob("*.inc"))):
+        h.update(p.name.encode())
+        h.update(p.read_bytes())
+    h.update(" ".join(_NVCC_FLAGS).encode())
+    try:
+        import cutlass_library
+
+        h.update(str(getattr(cutlass_library, "__version__", "")).encode())
+    except ImportError:
+        pass
+    return h.hexdigest()[:16]
+
+
+def build(verbose: bool = True) -> Path:
+    """Build (or find in the cache) the kernel library and return its path."""
+    prebuilt = os.environ.get("LYNX_COMPILE_LIB")
+    if prebuilt:
+        return Path(prebuilt)
+    out_dir = _cache_root() / _source_hash()
+    target = out_dir / _LIB_NAME
+    if target.exists():
+        return target
+    out_dir.mkdir(parents=True, exist_ok=True)
+    import fcntl
+
+    with open(out_dir / ".lock", "w") as lock_file:
+        fcntl.flock(lock_file, fcntl.LOCK_EX)
+        try:
+            if target.exists():  # another process built it while we waited
+                return target
+            _compile(out_dir, target, verbose)
+        finally:
+            fcntl.flock(lock_file, fcntl.LOCK_UN)
+    return target
+
+
+def _compile(out_dir: Path, target: Path, verbose: bool) -> None:
+    nvcc = _nvcc()
+    incs = [f"-I{p}" for p in _cutlass_includes()] + [f"-I{_SRC_DIR}"]
+    srcs = _sources()
+    jobs = max(1, min(len(srcs), int(os.environ.get("LYNX_COMPILE_JOBS", os.cpu_count() or 1))))
+    if verbose:
+        print(f"lynx_compile: building CUDA kernels ({len(srcs)} files, {jobs} parallel nvcc jobs; "
+              f"a few minutes, once) into {out_dir}", file=sys.stderr, flush=True)
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".tmp-") as tmp:
+        objs, pending = [], list(srcs)
+        running: list[tuple[subprocess.Popen, Path, Path]] = []
+        failures = []
+        while pending or running:
+            while pending and len(running) < jobs:
+                src = pending.pop(0)
+                obj = Path(tmp) / (src.stem + ".o")
+                log = Path(tmp) / (src.stem + ".log")
+                cmd = [nvcc, *_NVCC_FLAGS, *incs, "-c", str(src), "-o", str(obj)]
+                running.append((subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT), src, log))
+                objs.append(obj)
+            proc, src, log = running.pop(0)
+            if proc.wait() != 0:
+                failures.append(f"{src.name}:\n{log.read_text()[-4000:]}")
+        if failures:
+            raise RuntimeError("nvcc failed:\n" + "\n".join(failures))
+        tmp_lib = Path(tmp) / _LIB_NAME
+        cmd = [nvcc, "-shared", "-o", str(tmp_lib), *map(str, objs), "-cudart", "static"]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        if res.returncode != 0:
+            raise RuntimeError(f"nvcc link failed:\n{res.stdout}{res.stderr}")
+        os.replace(tmp_lib, target)  # atomic: readers see no file or the whole library
+    if verbose:
+        print(f"lynx_compile: CUDA kernels built: {target}", file=sys.stderr, flush=True)
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    c = ctypes
+    lib.lynx_abi_version.restype = c.c_int
+    lib.lynx_num_configs.restype = c.c_int
+    lib.lynx_config_name.restype = c.c_char_p
+    lib.lynx_config_name.argtypes = [c.c_int]
+    lib.lynx_config_is_bf16.argtypes = [c.c_int]
+    lib.lynx_config_has_c.argtypes = [c.c_int]
+    lib.lynx_sparsify_2to4.restype = c.c_int
+    lib.lynx_sparsify_2to4.argtypes = [c.c_int, c.c_void_p, c.c_longlong, c.c_int, c.c_int, c.c_void_p, c.c_void_p,
+                                       c.c_void_p, c.c_int, c.c_float, c.c_int, c.c_void_p]
+    lib.lynx_metadata_bytes.restype = c.c_longlong
+    lib.lynx_metadata_bytes.argtypes = [c.c_int, c.c_int]
+    lib.lynx_sparse_gemm.restype = c.c_int
+    lib.lynx_sparse_gemm.argtypes = [c.c_int, c.c_void_p, c.c_void_p, c.c_void_p, c.c_void_p, c.c_void_p, c.c_void_p,
+                                     c.c_void_p, c.c_int, c.c_int, c.c_int, c.c_int, c.c_int, c.c_int, c.c_int,
+                                     c.c_void_p, c.c_size_t, c.c_void_p]
+    lib.lynx_sparse_gemm_workspace.restype = c.c_longlong
+    lib.lynx_sparse_gemm_workspace.argtypes = [c.c_int, c.c_int, c.c_int, c.c_int, c.c_int]
+    lib.lynx_cuda_error_string.restype = c.c_char_p
+    lib.lynx_cuda_error_string.argtypes = [c.c_int]
+
+
+def _load() -> ctypes.CDLL | None:
+    """The loaded library, building it on first use; None (and ``_lib_error`` set) if that fails."""
+    global _lib, _lib_error
+    if _lib is not None or _lib_error is not None:
+        return _lib
+    with _lock:
+        if _lib is not None or _lib_error is not None:
+            return _lib
+        try:
+            path = build()
+            lib = ctypes.CDLL(str(path))
+            _declare(lib)
+            if lib.lynx_abi_version() != 1:
+                raise RuntimeError("library ABI version mismatch")
+            _lib = lib
+        except Exception as exc:  # noqa: BLE001 - any failure means "not available", with the reason kept
+            _lib_error = f"{type(exc).__name__}: {exc}".strip()
+    return _lib
+
+
+def _cuda_ok() -> bool:
+    try:
+        return torch.cuda.is_available()
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def _sm90_device(device: torch.device) -> str | None:
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    major, minor = torch.cuda.get_device_capability(idx)
+    if (major, minor) != (9, 0):
+        return f"sm_{major}{minor} GPU: no sm_90 kernel"
+    return None
+
+
+def available() -> bool:
+    """True when a CUDA sm_90 device is present and the kernel library builds and loads."""
+    if not _cuda_ok():
+        return False
+    if _sm90_device(torch.device("cuda")) is not None:
+        return False
+    return _load() is not None
+
+
+def unsupported_reason(device: torch.device, dtype: torch.dtype, in_features: int, out_features: int,
+                       n: int, m: int) -> str | None:
+    """Why the CUDA kernel cannot take this layer (``None``: it can). Called by the graph pass at compile time."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return f"kernel is CUDA-only, got device {device.type}"
+    if not _cuda_ok():
+        return "no CUDA device visible to torch"
+    if (n, m) != (2, 4):
+        return f"kernel does 2:4 only, got {n}:{m}"
+    if dtype not in _DTYPES:
+        return f"kernel takes bf16/fp16 only, got {str(dtype).replace('torch.', '')}"
+    if in_features % K_MULTIPLE != 0:
+        return f"in_features {in_features} not a multiple of {K_MULTIPLE}"
+    if out_features % N_MULTIPLE != 0:
+        return f"out_features {out_features} not a multiple of {N_MULTIPLE}"
+    reason = _sm90_device(device)
+    if reason is not None:
+        return reason
+    if _load() is None:
+        return f"CUDA kernels not built: {_lib_error}"
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Configurations and the per-shape heuristic
+# --------------------------------------------------------------------------------------------
+
+_config_index: dict[str, int] | None = None
+
+
+def gemm_configs() -> dict[str, int]:
+    """Name -> index of the compiled GEMM configurations."""
+    global _config_index
+    if _config_index is None:
+        lib = _load()
+        if lib is None:
+            return {}
+        _config_index = {lib.lynx_config_name(i).decode(): i for i in range(lib.lynx_num_configs())}
+    return _config_index
+
+
+# (name, swizzle, raster) chosen by M, N, K; filled from benchmarks/gemm.py --tune on H100.
+def _heuristic(dtype: torch.dtype, M: int, N: int, K: int) -> tuple[str, int, int]:
+    prefix = "bf16" if dtype == torch.bfloat16 else "fp16"
+    return f"{prefix}_128x128_c1x2_coop", 1, 0
+
+
+def choose_config(dtype: torch.dtype, M: int, N: int, K: int, has_c: bool = False) -> tuple[int, int, int]:
+    """(config index, swizzle, raster) for this shape. ``LYNX_GEMM_CONFIG=name[:swizzle[:raster]]`` overrides."""
+    cfgs = gemm_configs()
+    prefix = "bf16" if dtype == torch.bfloat16 else "fp16"
+    override = os.environ.get("LYNX_GEMM_CONFIG")
+    if override:
+        parts = override.split(":")
+        name, swz, ras = parts[0], int(parts[1]) if len(parts) > 1 else 1, int(parts[2]) if len(parts) > 2 else 0
+    else:
+        name, swz, ras = _heuristic(dtype, M, N, K)
+    if has_c:
+        name = f"{prefix}_128x128_c1x2_coop_c"
+    if name not in cfgs or not name.startswith(prefix):
+        name = f"{prefix}_128x128_c1x2_coop" + ("_c" if has_c else "")
+    return cfgs[name], swz, ras
+
+
+# --------------------------------------------------------------------------------------------
+# Thin wrappers over the entry points (torch allocates; current stream; no syncs)
+# --------------------------------------------------------------------------------------------
+
+_sm_counts: dict[int, int] = {}
+_workspaces: dict[int, Tensor] = {}
+
+
+def _sm_count(dev: int) -> int:
+    if dev not in _sm_counts:
+        _sm_counts[dev] = torch.cuda.get_device_properties(dev).multi_processor_count
+    return _sm_counts[dev]
+
+
+def _check(rc: int, what: str) -> None:
+    if rc != 0:
+        lib = _load()
+        msg = ""
+        if rc <= -1000 and lib is not None:
+            msg = ": " + lib.lynx_cuda_error_string(-1000 - rc).decode()
+        elif rc > 0 and lib is not None:
+            msg = ": " + lib.lynx_cuda_error_string(rc).decode()
+        raise RuntimeError(f"lynx {what} failed with code {rc}{msg}")
+
+
+def metadata_bytes(M: int, K: int) -> int:
+    return ((M + 63) // 64 * 64) * ((K + 127) // 128 * 128) // 8
+
+
+def _aligned(t: Tensor) -> Tensor:
+    t = t.contiguous()
+    if t.data_ptr() % 16 != 0:
+        t = t.clone()
+    return t
+
+
+def compress_2to4(x2d: Tensor, norm_compensation: bool = True, eps: float = ops.NORM_EPS,
+                  _swap_nibbles: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """2:4-sparsify a (M, K) bf16/fp16 CUDA tensor in one pass.
+
+    Returns ``(values (M, K/2), metadata (bytes, CUTLASS sm90 layout), scale (M,) fp32)``.
+    """
+    lib = _load()
+    assert lib is not None, _lib_error
+    x2d = _aligned(x2d)
+    M, K = x2d.shape
+    values = torch.empty((M, K // 2), dtype=x2d.dtype, device=x2d.device)
+    meta = torch.empty((metadata_bytes(M, K),), dtype=torch.uint8, device=x2d.device)
+    scale = torch.empty((M,), dtype=torch.float32, device=x2d.device)
+    if M > 0:
+        stream = torch.cuda.current_stream(x2d.device).cuda_stream
+        rc = lib.lynx_sparsify_2to4(int(x2d.dtype == torch.bfloat16), x2d.data_ptr(), K, M, K, values.data_ptr(),
+                                    meta.data_ptr(), scale.data_ptr(), int(norm_compensation), float(eps),
+                                    int(_swap_nibbles), stream)
+        _check(rc, "sparsify")
+    return values, meta, scale
+
+
+def _workspace(dev: int, nbytes: int) -> Tensor | None:
+    if nbytes <= 0:
+        return None
+    ws = _workspaces.get(dev)
+    if ws is None or ws.numel() < nbytes:
+        ws = torch.empty((max(nbytes, 1 << 20),), dtype=torch.uint8, device=torch.device("cuda", dev))
+        _workspaces[dev] = ws
+    return ws
+
+
+def sparse_mm_compressed(values: Tensor, meta: Tensor, scale: Tensor | None, weight: Tensor, bias: Tensor | None = None,
+                         c: Tensor | None = None, out: Tensor | None = None,
+                         config: tuple[int, int, int] | None = None) -> Tensor:
+    """``scale[:, None] * (A~ @ weight.T) + bias (+ c)`` from the compressed activation; (M, N) output."""
+    lib = _load()
+    assert lib is not None, _lib_error
+    M, K = values.shape[0], values.shape[1] * 2
+    N = weight.shape[0]
+    dev = values.device.index if values.device.index is not None else torch.cuda.current_device()
+    if out is None:
+        out = torch.empty((M, N), dtype=values.dtype, device=values.device)
+    if M == 0 or N == 0:
+        return out
+    weight = _aligned(weight)
+    if bias is not None:
+        bias = _aligned(bias.to(values.dtype))
+    if c is not None:
+        c = _aligned(c.to(values.dtype))
+    cfg, swz, ras = config if config is not None else choose_config(values.dtype, M, N, K, c is not None)
+    sms = _sm_count(dev)
+    ws_bytes = int(lib.lynx_sparse_gemm_workspace(cfg, M, N, K, sms))
+    ws = _workspace(dev, ws_bytes)
+    stream = torch.cuda.current_stream(values.device).cuda_stream
+    rc = lib.lynx_sparse_gemm(cfg, values.data_ptr(), meta.data_ptr(), weight.data_ptr(),
+                              scale.data_ptr() if scale is not None else None,
+                              bias.data_ptr() if bias is not None else None,
+                              c.data_ptr() if c is not None else None, out.data_ptr(), M, N, K, swz, ras, dev, sms,
+                              ws.data_ptr() if ws is not None else None, ws.numel() if ws is not None else 0, stream)
+    _check(rc, "sparse GEMM")
+    return out
+
+
+def _runtime_reason(x: Tensor, weight: Tensor, n: int, m: int) -> str | None:
+    if x.device.type != "cuda" or weight.device != x.device:
+        return "not on one CUDA device"
+    if x.dtype != weight.dtype:
+        return "dtype mismatch"
+    return unsupported_reason(x.device, x.dtype, x.shape[-1], weight.shape[0], n, m)
+
+
+_warned: set[str] = set()
+
+
+def sparse_linear_cuda(x: Tensor, weight: Tensor, bias: Tensor | None, n: int, m: int, norm_compensation: bool,
+                       eps: float = ops.NORM_EPS, lora_down: Tensor | None = None,
+                       lora_up: Tensor | None = None) -> Tensor:
+    """CUDA implementation of ``lynx::sparse_linear``; falls back to the reference when the kernel can't take it."""
+    reason = _runtime_reason(x, weight, n, m)
+    if reason is not None:
+        if reason not in _warned:
+            _warned.add(reason)
+            warnings.warn(f"lynx::sparse_linear: using the reference implementation ({reason})", stacklevel=2)
+        return ops.sparse_linear_reference(x, weight, bias, n, m, norm_compensation, eps, lora_down, lora_up)
+    lead = x.shape[:-1]
+    K, N = x.shape[-1], weight.shape[0]
+    x2 = x.reshape(-1, K)
+    M = x2.shape[0]
+    out = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    if M == 0:
+        return out.reshape(*lead, N)
+    values, meta, scale = compress_2to4(x2, norm_compensation, eps)
+    c = None
+    if lora_down is not None and lora_up is not None:
+        c = (x2 @ lora_down.to(x.dtype).t()) @ lora_up.to(x.dtype).t()
+    sparse_mm_compressed(values, meta, scale, weight, bias, c, out=out)
+    return out.reshape(*lead, N)
+
+
+def _register() -> None:
+    if not _cuda_ok():
+        return
+    torch.library.register_kernel("lynx::sparse_linear", "cuda", sparse_linear_cuda)
+
+
+try:
+    _register()
+except Exception as _exc:  # noqa: BLE001 - importing must never fail
+    warnings.warn(f"lynx_compile.kernels: CUDA implementation not registered: {_exc}", stacklevel=1)
+
+
+if __name__ == "__main__":
+    print(build())
