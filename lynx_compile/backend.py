@@ -103,8 +103,12 @@ def explain(model: torch.nn.Module | Callable, *example_inputs: Any, config: Lyn
     recorder = LynxBackend(config, inductor=False)
     breaks_before = dict(torch._dynamo.utils.counters["graph_break"])
     compiled = torch.compile(model, backend=recorder, dynamic=False)
-    with torch.no_grad():
+    # A fresh backend object is a new cache entry for every traced frame: lift the limit so
+    # Dynamo does not silently fall back to eager on models traced many times already.
+    with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=1 << 20, accumulated_recompile_limit=1 << 20):
         compiled(*example_inputs, **example_kwargs)
+    if recorder.report.graphs == 0:
+        raise RuntimeError("lynx explain: Dynamo traced no graph of this model (it ran eagerly)")
     breaks_after = torch._dynamo.utils.counters["graph_break"]
     recorder.report.graph_breaks = [
         reason for reason, count in breaks_after.items() if count > breaks_before.get(reason, 0)

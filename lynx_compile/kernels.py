@@ -48,10 +48,11 @@ __all__ = [
 _SRC_DIR = Path(os.environ.get("LYNX_COMPILE_CUDA_SRC", Path(__file__).resolve().parent.parent / "cuda"))
 _LIB_NAME = "liblynx_kernels.so"
 _NVCC_FLAGS = [
-    "-std=c++17", "-O3", "-DNDEBUG", "-Xcompiler", "-fPIC", "--expt-relaxed-constexpr",
+    "-std=c++17", "-O3", "-DNDEBUG", "-DCUTLASS_ENABLE_GDC_FOR_SM90", "-Xcompiler", "-fPIC", "--expt-relaxed-constexpr",
     "-gencode", "arch=compute_90a,code=sm_90a",
 ]
 _DTYPES = (torch.bfloat16, torch.float16)
+_PDL = os.environ.get("LYNX_PDL", "1") != "0"  # GEMM launched with programmatic dependent launch
 K_MULTIPLE = 64
 N_MULTIPLE = 8
 
@@ -192,7 +193,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.lynx_sparse_gemm.restype = c.c_int
     lib.lynx_sparse_gemm.argtypes = [c.c_int, c.c_void_p, c.c_void_p, c.c_void_p, c.c_void_p, c.c_void_p, c.c_void_p,
                                      c.c_void_p, c.c_int, c.c_int, c.c_int, c.c_int, c.c_int, c.c_int, c.c_int,
-                                     c.c_void_p, c.c_size_t, c.c_void_p]
+                                     c.c_int, c.c_void_p, c.c_size_t, c.c_void_p]
     lib.lynx_sparse_gemm_workspace.restype = c.c_longlong
     lib.lynx_sparse_gemm_workspace.argtypes = [c.c_int, c.c_int, c.c_int, c.c_int, c.c_int]
     lib.lynx_cuda_error_string.restype = c.c_char_p
@@ -378,7 +379,7 @@ def _workspace(dev: int, nbytes: int) -> Tensor | None:
 
 def sparse_mm_compressed(values: Tensor, meta: Tensor, scale: Tensor | None, weight: Tensor, bias: Tensor | None = None,
                          c: Tensor | None = None, out: Tensor | None = None,
-                         config: tuple[int, int, int] | None = None) -> Tensor:
+                         config: tuple[int, int, int] | None = None, pdl: bool | None = None) -> Tensor:
     """``scale[:, None] * (A~ @ weight.T) + bias (+ c)`` from the compressed activation; (M, N) output."""
     lib = _load()
     assert lib is not None, _lib_error
@@ -403,7 +404,7 @@ def sparse_mm_compressed(values: Tensor, meta: Tensor, scale: Tensor | None, wei
                               scale.data_ptr() if scale is not None else None,
                               bias.data_ptr() if bias is not None else None,
                               c.data_ptr() if c is not None else None, out.data_ptr(), M, N, K, swz, ras, dev, sms,
-                              ws.data_ptr() if ws is not None else None, ws.numel() if ws is not None else 0, stream)
+                              int(_PDL if pdl is None else pdl), ws.data_ptr() if ws is not None else None, ws.numel() if ws is not None else 0, stream)
     _check(rc, "sparse GEMM")
     return out
 

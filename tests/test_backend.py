@@ -13,7 +13,7 @@ from lynx_compile import LynxConfig
 from lynx_compile.models import build, example_inputs
 
 
-def reference_forward(model, inputs, sparse_names, config=LynxConfig(), compiler=None):
+def reference_forward(model, inputs, sparse_names, config=LynxConfig(), compiler=None, **kwargs):
     """``model`` with every named linear's input masked N:M per token and norm-compensated by
     hooks (``masked_reference``: no lynx code), run eagerly or compiled by ``compiler``."""
 
@@ -24,7 +24,7 @@ def reference_forward(model, inputs, sparse_names, config=LynxConfig(), compiler
     handles = [modules[name].register_forward_pre_hook(mask_input) for name in sparse_names]
     try:
         with torch.no_grad():
-            return (torch.compile(model, backend=compiler) if compiler else model)(*inputs)
+            return (torch.compile(model, backend=compiler) if compiler else model)(*inputs, **kwargs)
     finally:
         for handle in handles:
             handle.remove()

@@ -10,14 +10,23 @@ from lynx_compile.models.mmdit import pack_latents, square_grid_ids, unpack_late
 TINY = {
     "dit": ("dit-s-2", dict(depth=2, hidden=64, input_size=8), 64, None),
     "pixart": ("pixart-xl-2", dict(depth=2, hidden=64, caption_channels=32, input_size=8), 64, 8),
-    "mmdit": ("mmdit-tiny", dict(hidden=64, context_dim=32, vec_dim=16), 64, 8),
+    "mmdit": ("mmdit-tiny", dict(hidden=64, context_dim=32, vec_dim=24), 64, 8),
 }
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    # The models here are tiny: intra-op threads only add overhead (and thrash on a busy machine).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def tiny(family, seed=0, **extra):
     name, kw, res, txt = TINY[family]
     torch.manual_seed(seed)
-    model = build(name, **kw, **extra)
+    model = build(name, **{**kw, **extra})
     return model, dict(resolution=res, text_tokens=txt)
 
 
@@ -127,7 +136,9 @@ def test_flux_position_ids_and_packing():
 
 @pytest.mark.parametrize("family", TINY)
 def test_compile_dynamic_without_recompiles(family):
-    model, ex = tiny(family)
+    # Note: sizes that coincide with a weight dim (e.g. 16 tokens and vec_dim 16) would be
+    # duck-shaped onto one symbol and specialised; the tiny configs avoid such clashes.
+    model, ex = tiny(family, depth=1, **({"single_depth": 1} if family == "mmdit" else {}))
     torch._dynamo.reset()
     counter = CompileCounter()
     compiled = torch.compile(model, backend=counter, fullgraph=True, dynamic=True)

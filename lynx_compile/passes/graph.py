@@ -52,15 +52,16 @@ def qualified_name(source_name: str) -> str:
     """``L['self']._modules['blocks']._modules['0']._parameters['weight']`` -> ``blocks.0.weight``.
 
     Also takes the ``L['self'].blocks[0].fc1`` spelling of ``nn_module_stack``. A compiled
-    wrapper's ``_orig_mod`` level is dropped, so names match ``model.named_modules()``.
+    wrapper's ``_orig_mod`` level and ``__dict__['_modules']`` spellings are dropped, so names match ``model.named_modules()``.
     """
     rest = _ROOT.sub("", source_name.strip(), count=1)
     if rest and rest[0] not in ".[":
         rest = "." + rest
     parts = [next(p for p in match.groups() if p is not None) for match in _PART.finditer(rest)]
-    return ".".join(p for p in parts if p != "_orig_mod")
+    return ".".join(p for p in parts if p not in _NOT_MODULE_LEVELS)
 
 
+_NOT_MODULE_LEVELS = {"_orig_mod", "__dict__", "_modules", "_parameters", "_buffers"}
 _TRANSPOSES = {"t", "T", "mT", "transpose", "permute", "swapaxes", "swapdims"}
 
 

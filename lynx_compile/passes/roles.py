@@ -26,13 +26,13 @@ import torch.fx as fx
 
 from .graph import PassContext, op_name, tensor_rank
 
-LINEAR_OPS = {"linear", "matmul", "mm", "bmm", "addmm", "baddbmm", "einsum", "conv1d", "conv2d", "conv3d", "__matmul__"}
+LINEAR_OPS = {"linear", "matmul", "mm", "bmm", "addmm", "baddbmm", "conv1d", "conv2d", "conv3d", "__matmul__"}
 ATTENTION_OPS = {"scaled_dot_product_attention", "flash_attn_func", "flex_attention"}
 ACTIVATIONS = {"gelu", "silu", "relu", "relu_", "mish", "hardswish", "leaky_relu", "sigmoid", "softplus", "elu", "selu", "celu", "quick_gelu", "gelu_tanh", "relu6", "glu"}
 NORMS = {"layer_norm", "rms_norm", "group_norm", "batch_norm", "instance_norm", "rsqrt", "normalize"}
 LAYOUT = {
     "view", "reshape", "permute", "transpose", "t", "contiguous", "flatten", "unflatten", "squeeze",
-    "unsqueeze", "expand", "getitem", "chunk", "split", "unbind", "tensor_split", "narrow", "select",
+    "unsqueeze", "expand", "getitem", "chunk", "split", "split_with_sizes", "unbind", "tensor_split", "narrow", "select",
     "movedim", "swapaxes", "swapdims", "to", "float", "half", "bfloat16", "type", "type_as", "clone",
     "dropout", "cat", "concat", "concatenate", "stack", "einsum", "identity", "repeat", "view_as",
 }
@@ -44,8 +44,8 @@ def _users(node: fx.Node) -> list[fx.Node]:
     return list(node.users)
 
 
-def _tensor_inputs(node: fx.Node) -> list[fx.Node]:
-    return [a for a in node.all_input_nodes if tensor_rank(a) is not None]
+def _inputs(node: fx.Node) -> list[fx.Node]:
+    return node.all_input_nodes
 
 
 def _search(start: fx.Node, step, through: set[str] | None, found, max_hops: int = _MAX_HOPS) -> bool:
@@ -82,7 +82,7 @@ def _is_attention_input(node: fx.Node, came_from: fx.Node) -> bool:
         # Hand-written attention: scores = q @ k^T feed a softmax; out = probs @ v.
         feeds_softmax = _search(node, _users, LAYOUT | GATING, lambda n, _: op_name(n) == "softmax", 4)
         takes_softmax = any(
-            _search(a, lambda n: n.all_input_nodes, LAYOUT, lambda n, _: op_name(n) == "softmax", 3) or op_name(a) == "softmax"
+            _search(a, _inputs, LAYOUT, lambda n, _: op_name(n) == "softmax", 3) or op_name(a) == "softmax"
             for a in node.all_input_nodes
         )
         return feeds_softmax or takes_softmax
@@ -125,9 +125,8 @@ class RoleAnalysis:
             return "final"
         if _search(linear, _users, LAYOUT, lambda n, _: op_name(n) in ACTIVATIONS, 8):
             return "mlp_up"
-        inputs = lambda n: _tensor_inputs(n)
-        if op_name(x) in ACTIVATIONS or _search(x, inputs, LAYOUT | GATING, lambda n, _: op_name(n) in ACTIVATIONS, 8):
+        if op_name(x) in ACTIVATIONS or _search(x, _inputs, LAYOUT | GATING, lambda n, _: op_name(n) in ACTIVATIONS, 8):
             return "mlp_down"
-        if _is_attention_output(x) or _search(x, inputs, LAYOUT, lambda n, _: _is_attention_output(n), 8):
+        if _is_attention_output(x) or _search(x, _inputs, LAYOUT, lambda n, _: _is_attention_output(n), 8):
             return "attn_out"
         return "other"

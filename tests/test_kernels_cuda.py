@@ -1,0 +1,249 @@
+"""GPU tests of the CUDA kernels (``lynx_compile.kernels``) against the reference ops.
+
+Skipped cleanly where there is no CUDA device, no sm_90 GPU, or the kernel library is unavailable.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lynx_compile import ops
+
+pytestmark = pytest.mark.gpu
+
+
+def _kernels_or_skip():
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    from lynx_compile import kernels
+
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("needs an sm_90 GPU")
+    if not kernels.available():
+        pytest.skip(f"CUDA kernels unavailable: {kernels._lib_error}")
+    return kernels
+
+
+@pytest.fixture(scope="module")
+def K():
+    return _kernels_or_skip()
+
+
+DTYPES = [torch.bfloat16, torch.float16]
+REL_TOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3}
+
+
+def decode(values: torch.Tensor, meta: torch.Tensor, M: int, Kf: int) -> torch.Tensor:
+    """Dense (M, K) tensor from compressed values + CUTLASS sm90 metadata (layout as in cuda/sparsify.cu)."""
+    dev = values.device
+    m_pad = (M + 63) // 64 * 64
+    m = torch.arange(M, device=dev).view(M, 1)
+    g = torch.arange(Kf // 4, device=dev).view(1, -1)
+    k = (g // 4) * 16
+    am, mi, ak, ki = m // 64, m % 64, k // 128, k % 128
+    off = (am * 8192 + ak * m_pad * 128 + ((mi // 8) % 2) * 16 + (ki // 32) * 32 + (mi % 8) * 128
+           + ((ki // 16) % 2) * 1024 + (mi // 16) * 2048)
+    byte = off // 8 + (g % 4) // 2
+    nib = (meta.long()[byte] >> (4 * (g % 2))) & 0xF
+    i0, i1 = nib & 3, nib >> 2
+    assert bool((i0 < i1).all()), "invalid metadata code"
+    dense = torch.zeros((M, Kf), dtype=values.dtype, device=dev)
+    dense.scatter_(1, (4 * g + i0).expand(M, -1), values[:, 0::2])
+    dense.scatter_(1, (4 * g + i1).expand(M, -1), values[:, 1::2])
+    return dense
+
+
+def reference64(x, w, bias, norm, lora_down=None, lora_up=None):
+    kept, scale = ops.sparsify_reference(x, 2, 4, norm, ops.NORM_EPS)
+    out = (kept.double() @ w.double().t()) * scale.double()
+    if lora_down is not None:
+        out = out + (x.double() @ lora_down.double().t()) @ lora_up.double().t()
+    if bias is not None:
+        out = out + bias.double()
+    return out
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,Kf", [(1, 64), (5, 128), (63, 192), (64, 1152), (200, 1024), (1000, 3072)])
+def test_compress_matches_reference_selection(K, dtype, M, Kf):
+    x = torch.randn(M, Kf, device="cuda").to(dtype)
+    # ties and signed zeros in some rows
+    x[0, :16] = torch.tensor([1, -1, 1, -1, 0, -0.0, 0, -0.0, 2, 2, -2, 1, 0, 0, 0, -0.0], dtype=dtype)
+    values, meta, scale = K.compress_2to4(x, True)
+    kept, ref_scale = ops.sparsify_reference(x, 2, 4, True, ops.NORM_EPS)
+    dense = decode(values, meta, M, Kf)
+    assert torch.equal(dense.view(torch.int16), kept.view(torch.int16)), "compressed values differ"
+    assert torch.equal(ops.keep_mask(x, 2, 4), _mask_from(values, meta, M, Kf)), "selection differs"
+    torch.testing.assert_close(scale, ref_scale.view(-1), rtol=1e-5, atol=1e-6)
+
+
+def _mask_from(values, meta, M, Kf):
+    # mark kept positions with 1 regardless of value (a kept value can be 0)
+    ones = torch.ones_like(values)
+    return decode(ones, meta, M, Kf) != 0
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_compress_nan_inf(K, dtype):
+    M, Kf = 8, 128
+    x = torch.randn(M, Kf, device="cuda").to(dtype)
+    x[1, 0:4] = torch.tensor([1.0, float("nan"), float("inf"), -float("inf")], dtype=dtype)
+    x[2, 4:8] = torch.tensor([float("nan"), float("nan"), float("nan"), 1.0], dtype=dtype)
+    x[3, 8:12] = torch.tensor([-float("inf"), 5.0, float("inf"), float("nan")], dtype=dtype)
+    x[4] = 0
+    values, meta, scale = K.compress_2to4(x, True)
+    assert torch.equal(ops.keep_mask(x, 2, 4), _mask_from(values, meta, M, Kf))
+    _, ref_scale = ops.sparsify_reference(x, 2, 4, True, ops.NORM_EPS)
+    ref_scale = ref_scale.view(-1)
+    assert torch.equal(torch.isfinite(scale), torch.isfinite(ref_scale))
+    assert scale[4].item() == 0.0
+    fin = torch.isfinite(ref_scale)
+    torch.testing.assert_close(scale[fin], ref_scale[fin], rtol=1e-5, atol=1e-6)
+
+
+def _poisoned_call(fn, shape, dtype):
+    """Run fn after filling the block the caching allocator will hand out next with NaN."""
+    poison = torch.full(shape, float("nan"), dtype=dtype, device="cuda")
+    del poison
+    return fn()
+
+
+SHAPES = [  # (leading dims, K, N)
+    ((0,), 128, 64),
+    ((1,), 128, 64),
+    ((1,), 1152, 3456),
+    ((7,), 64, 8),
+    ((130,), 192, 72),
+    ((2, 77), 1152, 264),
+    ((300,), 1024, 1000),
+    ((3, 5, 67), 3072, 512),
+    ((1000,), 4608, 1152),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("lead,Kf,N", SHAPES)
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_sparse_linear_matches_reference(K, dtype, lead, Kf, N, with_bias):
+    torch.manual_seed(hash((lead, Kf, N)) % 1000)
+    x = torch.randn(*lead, Kf, device="cuda").to(dtype)
+    w = (torch.randn(N, Kf, device="cuda") / Kf ** 0.5).to(dtype)
+    b = torch.randn(N, device="cuda").to(dtype) if with_bias else None
+    M = x.numel() // Kf
+    out = _poisoned_call(lambda: torch.ops.lynx.sparse_linear(x, w, b, 2, 4, True), (M, N), dtype)
+    assert out.shape == (*lead, N) and out.dtype == dtype
+    if M == 0:
+        return
+    ref = reference64(x.reshape(-1, Kf), w, b, True).view(*lead, N)
+    assert torch.isfinite(out).all(), "unwritten (NaN-poisoned) or non-finite outputs"
+    assert rel_err(out, ref) < REL_TOL[dtype]
+    torch.testing.assert_close(out.double(), ref, rtol=5e-2, atol=5e-2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_out_buffer_fully_written(K, dtype):
+    M, Kf, N = 333, 1152, 1160
+    x = torch.randn(M, Kf, device="cuda").to(dtype)
+    w = (torch.randn(N, Kf, device="cuda") / Kf ** 0.5).to(dtype)
+    values, meta, scale = K.compress_2to4(x, True)
+    out = torch.full((M, N), float("nan"), dtype=dtype, device="cuda")
+    K.sparse_mm_compressed(values, meta, scale, w, None, out=out)
+    assert torch.isfinite(out).all()
+    assert rel_err(out, reference64(x, w, None, True)) < REL_TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_no_norm_compensation_and_lora(K, dtype):
+    M, Kf, N, r = 257, 1152, 576, 16
+    x = torch.randn(M, Kf, device="cuda").to(dtype)
+    w = (torch.randn(N, Kf, device="cuda") / Kf ** 0.5).to(dtype)
+    b = torch.randn(N, device="cuda").to(dtype)
+    down = (torch.randn(r, Kf, device="cuda") / Kf ** 0.5).to(dtype)
+    up = (torch.randn(N, r, device="cuda") / r ** 0.5).to(dtype)
+    out = torch.ops.lynx.sparse_linear(x, w, b, 2, 4, False)
+    assert rel_err(out, reference64(x, w, b, False)) < REL_TOL[dtype]
+    out = _poisoned_call(lambda: torch.ops.lynx.sparse_linear(x, w, b, 2, 4, True, ops.NORM_EPS, down, up),
+                         (M, N), dtype)
+    assert torch.isfinite(out).all()
+    assert rel_err(out, reference64(x, w, b, True, down, up)) < REL_TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_ties_zeros_inf_nan_rows(K, dtype):
+    M, Kf, N = 70, 256, 128
+    x = torch.randn(M, Kf, device="cuda").to(dtype)
+    x[0] = 0  # all-zero token -> s = 0 -> output = bias
+    x[1] = torch.tensor([1.0, -1.0, 1.0, -1.0] * (Kf // 4), dtype=dtype)  # ties
+    x[2] = torch.tensor([0.0, -0.0, 0.0, -0.0] * (Kf // 4), dtype=dtype)  # signed zeros
+    x[3, 5] = float("inf")
+    x[4, 9] = float("nan")
+    x[5, 0:4] = torch.tensor([-float("inf"), float("inf"), 1.0, 2.0], dtype=dtype)
+    w = (torch.randn(N, Kf, device="cuda") / Kf ** 0.5).to(dtype)
+    b = torch.randn(N, device="cuda").to(dtype)
+    out = torch.ops.lynx.sparse_linear(x, w, b, 2, 4, True)
+    ref = ops.sparse_linear_reference(x, w, b, 2, 4, True, ops.NORM_EPS, None, None)
+    bad = torch.tensor([3, 4, 5], device="cuda")
+    for r in bad.tolist():
+        assert not torch.isfinite(out[r]).any(), f"row {r} must be non-finite"
+        assert not torch.isfinite(ref[r]).any()
+    good = torch.ones(M, dtype=torch.bool, device="cuda")
+    good[bad] = False
+    assert torch.isfinite(out[good]).all()
+    torch.testing.assert_close(out[0], b)
+    ref64 = reference64(x[good], w, b, True)
+    assert rel_err(out[good], ref64) < REL_TOL[dtype]
+
+
+def test_fp32_and_odd_k_fall_back_to_reference(K):
+    x = torch.randn(9, 128, device="cuda")
+    w = torch.randn(64, 128, device="cuda")
+    with pytest.warns(UserWarning):
+        out = torch.ops.lynx.sparse_linear(x, w, None, 2, 4, True)
+    torch.testing.assert_close(out, ops.sparse_linear_reference(x, w, None, 2, 4, True, ops.NORM_EPS, None, None))
+    x = torch.randn(9, 100, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(64, 100, device="cuda", dtype=torch.bfloat16)
+    with pytest.warns(UserWarning):
+        out = torch.ops.lynx.sparse_linear(x, w, None, 2, 4, True)
+    torch.testing.assert_close(out, ops.sparse_linear_reference(x, w, None, 2, 4, True, ops.NORM_EPS, None, None))
+
+
+def test_non_contiguous_input(K):
+    x = torch.randn(256, 64, device="cuda", dtype=torch.bfloat16).t()  # (64, 256) non-contiguous
+    w = (torch.randn(128, 256, device="cuda") / 16).to(torch.bfloat16)
+    out = torch.ops.lynx.sparse_linear(x, w, None, 2, 4, True)
+    assert rel_err(out, reference64(x.contiguous(), w, None, True)) < 1e-2
+
+
+def test_cuda_graph_capture(K):
+    x = torch.randn(4, 100, 1152, device="cuda", dtype=torch.bfloat16)
+    w = (torch.randn(3456, 1152, device="cuda") / 34).to(torch.bfloat16)
+    b = torch.randn(3456, device="cuda", dtype=torch.bfloat16)
+    torch.ops.lynx.sparse_linear(x, w, b, 2, 4, True)  # warm up (loads the library, allocates workspace)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        torch.ops.lynx.sparse_linear(x, w, b, 2, 4, True)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = torch.ops.lynx.sparse_linear(x, w, b, 2, 4, True)
+    x.copy_(torch.randn_like(x))
+    g.replay()
+    torch.cuda.synchronize()
+    assert rel_err(out, reference64(x.reshape(-1, 1152), w, b, True).view(4, 100, 3456)) < 1e-2
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_opcheck(K, dtype):
+    x = torch.randn(3, 50, 256, device="cuda").to(dtype)
+    w = (torch.randn(128, 256, device="cuda") / 16).to(dtype)
+    b = torch.randn(128, device="cuda").to(dtype)
+    torch.library.opcheck(torch.ops.lynx.sparse_linear.default, (x, w, b, 2, 4, True))
+    down = (torch.randn(8, 256, device="cuda") / 16).to(dtype)
+    up = (torch.randn(128, 8, device="cuda") / 3).to(dtype)
+    torch.library.opcheck(torch.ops.lynx.sparse_linear.default, (x, w, None, 2, 4, False, 1e-12, down, up))
