@@ -37,11 +37,13 @@ class LynxBackend:
         self.inductor = inductor
         self.dump_dir = dump_dir
         self.report = Report()
+        self.graph_modules: list[fx.GraphModule] = []
+        """The rewritten graphs, kept when Inductor is skipped (explain, lynx-dump)."""
 
-    def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any], **kwargs: Any) -> Callable:
-        options = kwargs.pop("options", None)
-        if kwargs:
-            raise ValueError(f"lynx backend: unexpected keyword(s) {sorted(kwargs)}")
+    def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any], options: dict | None = None,
+                 mode: str | None = None) -> Callable:
+        """``options`` override config fields; ``mode`` is torch.compile's, applied to Inductor
+        (``"reduce-overhead"``: CUDA graphs; ``"max-autotune"``...)."""
         config = self.config
         if options:
             LynxConfig.from_options(options)  # names the bad key, if any
@@ -55,7 +57,8 @@ class LynxBackend:
 
             # Inference only: compiling under no_grad gives Inductor an inference graph, and
             # the lynx ops have no backward.
-            with torch.no_grad():
+            mode_options = torch._inductor.list_mode_options(mode) if mode else {}
+            with torch.no_grad(), torch._inductor.config.patch(mode_options):
                 inductor_compiled = compile_fx(gm, list(example_inputs))
 
             def compiled(*args: Any) -> Any:
@@ -63,6 +66,7 @@ class LynxBackend:
                     return inductor_compiled(*args)
         else:
             compiled = gm.forward
+            self.graph_modules.append(gm)
         # Recorded only now: Inductor may raise to make Dynamo restart the trace, and the
         # retried graph then comes through here again.
         self._record(ctx.decisions, graph_index)
@@ -89,9 +93,28 @@ def backend(config: LynxConfig | None = None, **options: Any) -> LynxBackend:
     return LynxBackend(config)
 
 
-def lynx_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: dict | None = None) -> Callable:
+def lynx_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: dict | None = None,
+                 mode: str | None = None) -> Callable:
     """The backend registered as ``"lynx"`` (entry point ``torch_dynamo_backends``)."""
-    return LynxBackend(LynxConfig.from_options(options))(gm, example_inputs)
+    return LynxBackend(LynxConfig.from_options(options))(gm, example_inputs, mode=mode)
+
+
+def trace(model: torch.nn.Module | Callable, args: Sequence[Any], kwargs: dict, recorder: LynxBackend,
+          dynamic: bool | None = False) -> Report:
+    """Run ``model(*args, **kwargs)`` once under ``torch.compile(backend=recorder)``; its report."""
+    breaks_before = dict(torch._dynamo.utils.counters["graph_break"])
+    compiled = torch.compile(model, backend=recorder, dynamic=dynamic)
+    # A fresh backend object is a new cache entry for every traced frame: lift the limit so
+    # Dynamo does not silently fall back to eager on models traced many times already.
+    with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=1 << 20, accumulated_recompile_limit=1 << 20):
+        compiled(*args, **kwargs)
+    if recorder.report.graphs == 0:
+        raise RuntimeError("lynx: Dynamo traced no graph of this model (it ran eagerly)")
+    breaks_after = torch._dynamo.utils.counters["graph_break"]
+    recorder.report.graph_breaks = [
+        reason for reason, count in breaks_after.items() if count > breaks_before.get(reason, 0)
+    ]
+    return recorder.report
 
 
 def explain(model: torch.nn.Module | Callable, *example_inputs: Any, config: LynxConfig | None = None, **example_kwargs: Any) -> Report:
@@ -100,20 +123,7 @@ def explain(model: torch.nn.Module | Callable, *example_inputs: Any, config: Lyn
     Runs the lynx passes exactly as ``torch.compile(model, backend="lynx")`` would, but skips
     Inductor, so it is quick. Graph breaks show up in the report.
     """
-    recorder = LynxBackend(config, inductor=False)
-    breaks_before = dict(torch._dynamo.utils.counters["graph_break"])
-    compiled = torch.compile(model, backend=recorder, dynamic=False)
-    # A fresh backend object is a new cache entry for every traced frame: lift the limit so
-    # Dynamo does not silently fall back to eager on models traced many times already.
-    with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=1 << 20, accumulated_recompile_limit=1 << 20):
-        compiled(*example_inputs, **example_kwargs)
-    if recorder.report.graphs == 0:
-        raise RuntimeError("lynx explain: Dynamo traced no graph of this model (it ran eagerly)")
-    breaks_after = torch._dynamo.utils.counters["graph_break"]
-    recorder.report.graph_breaks = [
-        reason for reason, count in breaks_after.items() if count > breaks_before.get(reason, 0)
-    ]
-    return recorder.report
+    return trace(model, example_inputs, example_kwargs, LynxBackend(config, inductor=False))
 
 
-__all__ = ["LayerDecision", "LynxBackend", "Report", "backend", "explain", "lynx_backend"]
+__all__ = ["LayerDecision", "LynxBackend", "Report", "backend", "explain", "lynx_backend", "trace"]

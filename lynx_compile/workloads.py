@@ -1,0 +1,219 @@
+"""Models with inputs, as the command-line tools (``lynx-bench``, ``lynx-dump``) load them.
+
+A model spec is one of:
+
+* a built-in name (``dit-xl-2``, ``flux-dev``... see ``lynx_compile.models.NAMES``);
+* ``module:factory``: a callable returning ``model``, ``(model, args)`` or ``(model, args, kwargs)``;
+* a diffusers class name (``FluxTransformer2DModel``...) with ``--config config.json``; random
+  weights, inputs derived from the config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from . import models
+from .config import LynxConfig
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+# Serving shapes of the issue's benchmark: (batch, resolution, classifier-free guidance).
+SERVING = {"dit": (8, 256, True), "pixart-xl-2": (1, 1024, True), "flux-dev": (1, 1024, False), "mmdit-tiny": (1, 256, False)}
+# --quick: the same architectures, small enough for a 2-core CPU.
+QUICK_OVERRIDES = {
+    "dit": dict(depth=2, hidden=256),
+    "pixart-xl-2": dict(depth=2, hidden=256, caption_channels=256),
+    "flux-dev": dict(depth=1, single_depth=1, hidden=256, context_dim=256, vec_dim=64),
+    "mmdit-tiny": dict(depth=1, single_depth=1),
+}
+QUICK_SHAPES = {"dit": (2, 256, False), "pixart-xl-2": (1, 128, False), "flux-dev": (1, 128, False), "mmdit-tiny": (1, 128, False)}
+
+
+class WorkloadError(ValueError):
+    """A model spec or input option that cannot be honoured: the tools print it as one line."""
+
+
+@dataclass
+class Workload:
+    name: str
+    model: torch.nn.Module
+    args: tuple = ()
+    kwargs: dict = field(default_factory=dict)
+    shape: str = ""
+    """Human-readable input shape summary for tables."""
+    batch: int = 1
+    inputs_for_batch: Callable[[int], tuple[tuple, dict]] | None = None
+    """Fresh ``(args, kwargs)`` with another batch size, where the input recipe is known."""
+
+    def __call__(self, model: Callable | None = None) -> Any:
+        return (self.model if model is None else model)(*self.args, **self.kwargs)
+
+
+def _family(name: str) -> str:
+    return "dit" if name.startswith("dit-") else name
+
+
+def _cfg_batch(batch: int, cfg: bool) -> int:
+    # Classifier-free guidance runs the conditional and unconditional batch in one forward.
+    return 2 * batch if cfg else batch
+
+
+def builtin_workload(name, batch=None, resolution=None, text_tokens=None, dtype=torch.float32, device="cpu",
+                     quick=False, cfg=None, **overrides) -> Workload:
+    family = _family(name)
+    default_batch, default_res, default_cfg = (QUICK_SHAPES if quick else SERVING)[family]
+    if quick:
+        overrides = {**QUICK_OVERRIDES[family], **overrides}
+        text_tokens = text_tokens or 32
+    batch = batch or default_batch
+    cfg = default_cfg if cfg is None else cfg
+    resolution = resolution or default_res
+    if family == "dit":
+        overrides.setdefault("input_size", resolution // 8)
+    with torch.device(device):
+        model = models.build(name, **overrides).to(dtype).eval()
+    def inputs_for_batch(n: int) -> tuple[tuple, dict]:
+        args = models.example_inputs(model, batch=n, resolution=resolution, text_tokens=text_tokens, dtype=dtype, device=device)
+        return args, {}
+
+    batch = _cfg_batch(batch, cfg)
+    shape = f"{resolution}px, batch {batch // 2 if cfg else batch}{' x2 (CFG)' if cfg else ''}"
+    return Workload(name, model, inputs_for_batch(batch)[0], {}, shape, batch, inputs_for_batch)
+
+
+def _diffusers_inputs(cls_name: str, config: dict, batch: int, text_tokens: int, dtype, device, gen) -> dict:
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
+
+    sample = config.get("sample_size", 32)
+    channels = config.get("in_channels", 4)
+    timestep = torch.randint(0, 1000, (batch,), generator=gen).to(device)
+    if cls_name == "DiTTransformer2DModel":
+        return dict(hidden_states=randn(batch, channels, sample, sample), timestep=timestep,
+                    class_labels=torch.randint(0, config.get("num_embeds_ada_norm", 1000), (batch,), generator=gen).to(device))
+    if cls_name == "PixArtTransformer2DModel":
+        return dict(hidden_states=randn(batch, channels, sample, sample), timestep=timestep,
+                    encoder_hidden_states=randn(batch, text_tokens, config.get("caption_channels", 4096)),
+                    added_cond_kwargs={"resolution": None, "aspect_ratio": None})
+    if cls_name == "SD3Transformer2DModel":
+        return dict(hidden_states=randn(batch, channels, sample, sample), timestep=timestep,
+                    encoder_hidden_states=randn(batch, text_tokens, config.get("joint_attention_dim", 4096)),
+                    pooled_projections=randn(batch, config.get("pooled_projection_dim", 2048)))
+    if cls_name == "FluxTransformer2DModel":
+        side = sample // 2 if sample > 16 else sample
+        kwargs = dict(hidden_states=randn(batch, side * side, channels), timestep=torch.rand(batch, generator=gen).to(device),
+                      encoder_hidden_states=randn(batch, text_tokens, config.get("joint_attention_dim", 4096)),
+                      pooled_projections=randn(batch, config.get("pooled_projection_dim", 768)),
+                      img_ids=torch.randn(side * side, 3, generator=gen).to(device), txt_ids=torch.zeros(text_tokens, 3, device=device))
+        if config.get("guidance_embeds", True):
+            kwargs["guidance"] = torch.full((batch,), 3.5, device=device)
+        return kwargs
+    raise WorkloadError(f"no input recipe for diffusers class {cls_name!r}; supported: DiT, PixArt, SD3, Flux transformers")
+
+
+class DiffusersSample(torch.nn.Module):
+    """A diffusers transformer returning its sample tensor (``return_dict=False``)."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, **kwargs: Any) -> torch.Tensor:
+        return self.model(**kwargs, return_dict=False)[0]
+
+
+def diffusers_workload(cls_name, config_path, batch=1, text_tokens=None, dtype=torch.float32, device="cpu") -> Workload:
+    try:
+        diffusers = importlib.import_module("diffusers")
+    except ImportError:
+        raise WorkloadError("diffusers is not installed (pip install diffusers)") from None
+    cls = getattr(diffusers, cls_name, None)
+    if cls is None:
+        raise WorkloadError(f"diffusers has no class {cls_name!r}")
+    if config_path is None:
+        raise WorkloadError(f"{cls_name} needs --config CONFIG.json")
+    try:
+        config = json.loads(Path(config_path).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise WorkloadError(f"cannot read config {config_path}: {err}") from None
+    with torch.device(device):
+        model = cls.from_config(config).to(dtype).eval()
+    def inputs_for_batch(n: int) -> tuple[tuple, dict]:
+        gen = torch.Generator().manual_seed(n)
+        return (), _diffusers_inputs(cls_name, dict(model.config), n, text_tokens or 16, dtype, device, gen)
+
+    return Workload(cls_name, DiffusersSample(model), (), inputs_for_batch(batch)[1], f"batch {batch}", batch, inputs_for_batch)
+
+
+def factory_workload(spec: str, device="cpu", dtype=torch.float32) -> Workload:
+    module_name, _, attr = spec.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as err:
+        raise WorkloadError(f"cannot load factory {spec!r}: {err}") from None
+    made = factory()
+    model, args, kwargs = (made, None, {}) if isinstance(made, torch.nn.Module) else (tuple(made) + ({},))[:3]
+    if args is None:
+        if not hasattr(model, "config") or not hasattr(model, "lynx_name"):
+            raise WorkloadError(f"{spec} returned a bare model: return (model, args) or (model, args, kwargs)")
+        args = models.example_inputs(model, dtype=dtype, device=device)
+    return Workload(spec, model.to(device).eval(), tuple(args), dict(kwargs), "from factory")
+
+
+def load_workload(args: argparse.Namespace) -> Workload:
+    """The workload the parsed ``add_workload_arguments`` options describe."""
+    dtype = DTYPES[args.dtype]
+    spec = args.model
+    if spec in models.NAMES:
+        return builtin_workload(spec, args.batch, args.resolution, args.text_tokens, dtype, args.device, args.quick, args.cfg)
+    if ":" in spec:
+        return factory_workload(spec, args.device, dtype)
+    if spec.endswith("Model") or args.config:
+        return diffusers_workload(spec, args.config, args.batch or 1, args.text_tokens, dtype, args.device)
+    raise WorkloadError(f"unknown model {spec!r}: use one of {', '.join(models.NAMES)}, module:factory, or a diffusers class with --config")
+
+
+def add_workload_arguments(parser: argparse.ArgumentParser, default_model: str | None = None) -> None:
+    group = parser.add_argument_group("model and inputs")
+    if default_model is None:
+        group.add_argument("model", help=f"built-in name ({', '.join(models.NAMES)}), module:factory, or a diffusers class")
+    else:
+        group.add_argument("--model", default=default_model, help=f"built-in name ({', '.join(models.NAMES)}), module:factory, or a diffusers class")
+    group.add_argument("--config", help="diffusers config.json, with a diffusers class as the model")
+    group.add_argument("--batch", type=int, help="images per forward (before CFG doubling)")
+    group.add_argument("--resolution", type=int, help="image resolution in pixels")
+    group.add_argument("--text-tokens", type=int, help="text tokens (PixArt, Flux, SD3)")
+    group.add_argument("--cfg", action=argparse.BooleanOptionalAction, default=None, help="classifier-free guidance doubles the batch")
+    group.add_argument("--dtype", choices=sorted(DTYPES), help="default: bfloat16 on CUDA, float32 on CPU")
+    group.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    group.add_argument("--quick", action="store_true", help="small configs and shapes, for CPU and CI")
+
+
+def finish_workload_arguments(args: argparse.Namespace) -> None:
+    if args.dtype is None:
+        args.dtype = "bfloat16" if str(args.device).startswith("cuda") else "float32"
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("lynx config (see LynxConfig)")
+    group.add_argument("--pattern", help="N:M, default 2:4")
+    group.add_argument("--compensation", help="none, norm or lora")
+    group.add_argument("--include", help="regex over module qualified names to sparsify")
+    group.add_argument("--exclude", help="regex over module qualified names kept dense")
+    group.add_argument("--sparse-roles", help="comma-separated roles to sparsify")
+    group.add_argument("--min-features", type=int)
+
+
+def config_from_args(args: argparse.Namespace) -> LynxConfig:
+    fields = {k: getattr(args, k) for k in ("pattern", "compensation", "include", "exclude", "min_features")}
+    if args.sparse_roles:
+        fields["sparse_roles"] = frozenset(r.strip() for r in args.sparse_roles.split(","))
+    return LynxConfig(**{k: v for k, v in fields.items() if v is not None})
