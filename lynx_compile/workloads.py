@@ -108,7 +108,7 @@ def _diffusers_inputs(cls_name: str, config: dict, batch: int, text_tokens: int,
                     encoder_hidden_states=randn(batch, text_tokens, config.get("joint_attention_dim", 4096)),
                     pooled_projections=randn(batch, config.get("pooled_projection_dim", 2048)))
     if cls_name == "FluxTransformer2DModel":
-        side = sample // 2 if sample > 16 else sample
+        side = config.get("sample_size", 32)  # packed-latent grid side: 32 x 32 = 512 px
         kwargs = dict(hidden_states=randn(batch, side * side, channels), timestep=torch.rand(batch, generator=gen).to(device),
                       encoder_hidden_states=randn(batch, text_tokens, config.get("joint_attention_dim", 4096)),
                       pooled_projections=randn(batch, config.get("pooled_projection_dim", 768)),
@@ -131,6 +131,7 @@ class DiffusersSample(torch.nn.Module):
 
 
 def diffusers_workload(cls_name, config_path, batch=1, text_tokens=None, dtype=torch.float32, device="cpu") -> Workload:
+    """A diffusers transformer from its config (a JSON path or a dict), with random weights."""
     try:
         diffusers = importlib.import_module("diffusers")
     except ImportError:
@@ -140,10 +141,13 @@ def diffusers_workload(cls_name, config_path, batch=1, text_tokens=None, dtype=t
         raise WorkloadError(f"diffusers has no class {cls_name!r}")
     if config_path is None:
         raise WorkloadError(f"{cls_name} needs --config CONFIG.json")
-    try:
-        config = json.loads(Path(config_path).read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise WorkloadError(f"cannot read config {config_path}: {err}") from None
+    if isinstance(config_path, dict):
+        config = config_path
+    else:
+        try:
+            config = json.loads(Path(config_path).read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise WorkloadError(f"cannot read config {config_path}: {err}") from None
     with torch.device(device):
         model = cls.from_config(config).to(dtype).eval()
     def inputs_for_batch(n: int) -> tuple[tuple, dict]:
