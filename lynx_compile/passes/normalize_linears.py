@@ -22,20 +22,19 @@ from .graph import PassContext, fake_value, op_name, set_fake_value
 _MATMULS = {"matmul", "mm", "__matmul__"}
 
 
-def _weight_node(ctx: PassContext, node: fx.Node, rhs: fx.Node) -> fx.Node | None:
-    """The (N, K) weight for ``x @ rhs`` with constant 2-D ``rhs``, inserting ``rhs.t()`` if needed."""
-    rhs_value = ctx.constant(rhs)
-    if rhs_value is None or rhs_value.dim() != 2:
-        return None
-    if rhs is not ctx.constant_root(rhs) and ctx.constant(ctx.constant_root(rhs)) is not None:
-        root_value = ctx.constant(ctx.constant_root(rhs))
-        if root_value.dim() == 2 and root_value.t().shape == rhs_value.shape and rhs_value.stride() == root_value.t().stride():
-            return ctx.constant_root(rhs)  # rhs is W.T of an (N, K) weight W
+def _weight_node(ctx: PassContext, node: fx.Node, rhs: fx.Node, rhs_value: torch.Tensor) -> fx.Node:
+    """The (N, K) weight for ``x @ rhs``: the parameter itself when ``rhs`` is its transpose
+    view (``W.T``, ``W.t()``, ``W.transpose(0, 1)``...), else a new ``rhs.t()`` node."""
+    root = ctx.constant_root(rhs)
+    root_value = ctx.constant(root)
+    if rhs is not root and root_value is not None and root_value.dim() == 2:
+        transposed = root_value.t()
+        if rhs_value.shape == transposed.shape and rhs_value.stride() == transposed.stride():
+            return root
     with ctx.gm.graph.inserting_before(node):
-        transposed = ctx.gm.graph.call_method("t", (rhs,))
-    fake = fake_value(rhs)
-    set_fake_value(transposed, fake.t() if isinstance(fake, torch.Tensor) else None)
-    return transposed
+        weight = ctx.gm.graph.call_method("t", (rhs,))
+    set_fake_value(weight, fake_value(rhs).t())
+    return weight
 
 
 def _constant_bias(ctx: PassContext, node: fx.Node, out_features: int) -> fx.Node | None:
@@ -84,7 +83,7 @@ def normalize_linears(gm: fx.GraphModule, ctx: PassContext) -> None:
             bias_input = _constant_bias(ctx, node, out_features)
             if bias_input is not None:
                 (replaced,) = node.users
-        weight = _weight_node(ctx, node, rhs)
+        weight = _weight_node(ctx, node, rhs, rhs_value)
         with graph.inserting_before(replaced):
             linear = graph.call_function(F.linear, (x, weight, bias_input))
         linear.meta.update({k: v for k, v in replaced.meta.items() if k in ("nn_module_stack", "stack_trace", "source_fn_stack")})
