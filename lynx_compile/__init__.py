@@ -5,8 +5,9 @@
 
 from . import ops  # noqa: F401  (registers torch.ops.lynx.*)
 from .backend import LynxBackend, backend, explain
+from .calibrate import Compensation, calibrate
 from .config import LynxConfig
 from .report import LayerDecision, Report
 
-__all__ = ["LayerDecision", "LynxBackend", "LynxConfig", "Report", "backend", "explain"]
+__all__ = ["Compensation", "LayerDecision", "LynxBackend", "LynxConfig", "Report", "backend", "calibrate", "explain"]
 __version__ = "0.1.0"

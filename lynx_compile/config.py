@@ -45,10 +45,28 @@ class LynxConfig:
 
     compensation_state: Mapping[str, tuple[Any, Any]] | None = field(default=None, hash=False, compare=False)
     """Calibrated LoRA factors keyed by module qualified name: ``name -> (lora_down (r, K),
-    lora_up (N, r))``. Required by ``compensation="lora"``; ignored otherwise."""
+    lora_up (N, r))``, e.g. the ``Compensation`` returned by ``lynx_compile.calibrate`` (its
+    pattern must match). Required by ``compensation="lora"``; ignored otherwise. Factors that
+    do not fit their layer's weight raise ValueError when the model is compiled."""
 
     eps: float = 1e-12
     """eps of the norm-compensation scale sqrt(||x||^2 / (||x~||^2 + eps))."""
+
+    sensitivity: Mapping[str, float] | None = field(default=None, hash=False, compare=False)
+    """Measured relative output error of each layer under sparsification (norm compensation,
+    no LoRA), keyed by module qualified name: ``Compensation.sensitivity`` from
+    ``lynx_compile.calibrate``, or the ``Compensation`` itself. Shown by ``explain()``; with
+    ``max_layer_error`` and/or ``dense_flop_budget`` it keeps the most sensitive layers dense."""
+
+    max_layer_error: float | None = None
+    """Layers whose measured error (``sensitivity``) exceeds this stay dense. None: no threshold
+    (with ``dense_flop_budget`` alone, the most sensitive layers fill the budget)."""
+
+    dense_flop_budget: float | None = None
+    """Fraction in [0, 1] of the FLOPs of the layers that would otherwise run sparse that may be
+    kept dense for sensitivity. Layers go dense in order of decreasing measured error, while
+    their error exceeds ``max_layer_error`` (if set) and the next one still fits the budget.
+    None: no FLOP cap (only ``max_layer_error`` applies). Counted per compiled graph."""
 
     @property
     def n(self) -> int:
@@ -94,6 +112,59 @@ class LynxConfig:
             raise ValueError(f"LynxConfig.min_features: expected an int >= 0, got {self.min_features!r}")
         if not isinstance(self.eps, (int, float)) or isinstance(self.eps, bool) or not 0 < self.eps < 1:
             raise ValueError(f"LynxConfig.eps: expected a float in (0, 1), got {self.eps!r}")
+        self._check_compensation_state()
+        self._check_sensitivity()
+
+    def _check_compensation_state(self) -> None:
+        state = self.compensation_state
+        if state is None:
+            return
+        calibrated = getattr(state, "pattern", None)
+        if calibrated is not None and calibrated != self.pattern:
+            raise ValueError(
+                f"LynxConfig.compensation_state: calibrated for pattern {calibrated}, but pattern is {self.pattern}"
+            )
+        for name, factors in state.items():
+            ok = isinstance(factors, (tuple, list)) and len(factors) == 2
+            down, up = factors if ok else (None, None)
+            if not (ok and all(hasattr(f, "shape") and len(f.shape) == 2 for f in factors)
+                    and down.shape[0] == up.shape[1] and down.shape[0] > 0):
+                shapes = [tuple(f.shape) for f in factors] if ok and all(hasattr(f, "shape") for f in factors) else factors
+                raise ValueError(
+                    f"LynxConfig.compensation_state[{name!r}]: expected (lora_down (r, K), lora_up (N, r)) "
+                    f"with r > 0, got {shapes!r}"
+                )
+
+    def _check_sensitivity(self) -> None:
+        sensitivity = self.sensitivity
+        # A Compensation is a mapping of LoRA factors; its measured errors sit in .sensitivity.
+        if isinstance(getattr(sensitivity, "sensitivity", None), Mapping):
+            calibrated = getattr(sensitivity, "pattern", None)
+            if calibrated is not None and calibrated != self.pattern:
+                raise ValueError(f"LynxConfig.sensitivity: measured for pattern {calibrated}, but pattern is {self.pattern}")
+            sensitivity = dict(sensitivity.sensitivity)
+        if sensitivity is not None:
+            if not isinstance(sensitivity, Mapping) or not all(
+                isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0
+                for k, v in sensitivity.items()
+            ):
+                raise ValueError(
+                    "LynxConfig.sensitivity: expected a mapping of module name -> relative error >= 0 "
+                    f"(e.g. Compensation.sensitivity), got {type(sensitivity).__name__}"
+                )
+            object.__setattr__(self, "sensitivity", {k: float(v) for k, v in sensitivity.items()})
+        for name, upper in (("max_layer_error", None), ("dense_flop_budget", 1.0)):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= (upper or float("inf")):
+                bound = "in [0, 1]" if upper else ">= 0"
+                raise ValueError(f"LynxConfig.{name}: expected a float {bound} or None, got {value!r}")
+            if self.sensitivity is None:
+                raise ValueError(
+                    f"LynxConfig.sensitivity: {name} needs measured per-layer errors; pass "
+                    "sensitivity=comp with comp = lynx_compile.calibrate(...)"
+                )
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any] | None) -> "LynxConfig":

@@ -29,6 +29,9 @@ class LayerDecision:
     compensation: str | None = None
     graph: int = 0
     """Index of the compiled graph (more than one only when Dynamo broke the graph)."""
+    error: float | None = None
+    """Measured relative output error of this layer when sparsified (norm compensation, no
+    LoRA), from ``LynxConfig.sensitivity``; None when not measured."""
 
     @property
     def flops(self) -> int | None:
@@ -61,17 +64,21 @@ class Report:
         return sum(f for f, d in flops if d == "sparse") / total if total else 0.0
 
     def table(self, tablefmt: str = "simple") -> str:
+        # The error column only appears once sensitivities were given: most reports have none.
+        errors = any(layer.error is not None for layer in self.layers)
         rows = [
             (
                 layer.name,
                 f"{layer.tokens} x {layer.in_features} -> {layer.out_features}",
                 layer.role,
+                *((f"{layer.error:.3f}" if layer.error is not None else "",) if errors else ()),
                 layer.decision,
                 layer.reason,
             )
             for layer in self.layers
         ]
-        return tabulate(rows, headers=("layer", "M x K -> N", "role", "decision", "reason"), tablefmt=tablefmt)
+        headers = ("layer", "M x K -> N", "role", *(("error",) if errors else ()), "decision", "reason")
+        return tabulate(rows, headers=headers, tablefmt=tablefmt)
 
     def summary(self) -> str:
         share = self.sparse_flop_share()

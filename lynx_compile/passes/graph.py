@@ -153,6 +153,13 @@ class PassContext:
             i += 1
             name = f"{base}_{i}"
         self.gm.register_buffer(name, tensor, persistent=False)
+        # AOT autograd lifts the graph module's buffers to inputs and wants the Dynamo source of
+        # each one (for guards and dedup): a tensor made here gets a constant source of its own.
+        sources = getattr(self.gm, "_param_name_to_source", None)
+        if sources is not None:
+            from torch._dynamo.source import ConstantSource
+
+            sources[name] = ConstantSource(name)
         with self.gm.graph.inserting_before(before):
             node = self.gm.graph.get_attr(name)
         set_fake_value(node, self.fake(tensor))

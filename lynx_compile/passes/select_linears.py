@@ -4,7 +4,9 @@ Matches:
     ``torch.nn.functional.linear(x, W, b)`` calls (after ``normalize_linears``).
 Replaces with:
     nothing: it annotates each such node with ``node.meta["lynx"]``, a ``LayerDecision`` that
-    ``sparsify_linears`` acts on and ``explain()`` reports.
+    ``sparsify_linears`` acts on and ``explain()`` reports. With measured sensitivities
+    (``LynxConfig.sensitivity``) and a budget, the most sensitive layers of the graph that would
+    run sparse are then turned dense (``keep_sensitive_dense``).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import re
 import torch
 import torch.fx as fx
 
+from ..config import LynxConfig
 from ..report import LayerDecision
 from .graph import PassContext, fake_value, op_name, qualified_name
 from .roles import RoleAnalysis
@@ -51,12 +54,11 @@ def _kernel_path(device: torch.device, dtype: torch.dtype, k: int, n_out: int, n
         from .. import kernels
     except ImportError as err:  # pragma: no cover - the module ships with the package
         return True, f"reference path (no CUDA kernels: {err})"
-    if not kernels.available():
-        return True, f"reference path (CUDA kernels unavailable: {kernels.unavailable_reason()})"
     reason = kernels.unsupported_reason(device, dtype, k, n_out, n, m)
     if reason is None:
         return True, "CUDA sparse kernel"
-    if (n, m) != (2, 4):
+    if not kernels.available() or (n, m) != (2, 4):
+        # No kernel for this machine or pattern at all: the reference still computes it.
         return True, f"reference path ({reason})"
     return False, f"kernel cannot take it: {reason}"
 
@@ -103,9 +105,51 @@ def decide(ctx: PassContext, analysis: RoleAnalysis, linear: fx.Node) -> LayerDe
     return layer
 
 
+def _flops(layer: LayerDecision) -> int:
+    # Per-token FLOPs when the token count is symbolic (dynamic shapes): the layers competing
+    # for the budget are token-wise layers of one model, which mostly see the same tokens.
+    return layer.flops if layer.flops is not None else 2 * layer.in_features * layer.out_features
+
+
+def keep_sensitive_dense(layers: list[LayerDecision], config: LynxConfig) -> None:
+    """Turn the most sensitive sparse layers dense, as ``max_layer_error``/``dense_flop_budget`` allow.
+
+    Layers go dense in order of decreasing measured error and stop at the first that is below
+    the threshold or no longer fits the FLOP budget, so what stays dense is always a prefix of
+    the sensitivity ranking: never a less sensitive layer in place of a more sensitive one.
+    """
+    if config.sensitivity is None:
+        return
+    for layer in layers:
+        layer.error = config.sensitivity.get(layer.name)
+    if config.max_layer_error is None and config.dense_flop_budget is None:
+        return
+    candidates = [layer for layer in layers if layer.decision == "sparse"]
+    total = sum(_flops(layer) for layer in candidates)
+    budget = None if config.dense_flop_budget is None else config.dense_flop_budget * total
+    spent = 0
+    for layer in sorted((l for l in candidates if l.error is not None), key=lambda l: -l.error):
+        if config.max_layer_error is not None and layer.error <= config.max_layer_error:
+            break
+        if budget is not None and spent + _flops(layer) > budget:
+            break
+        spent += _flops(layer)
+        if config.max_layer_error is not None:
+            layer.reason = f"sensitivity: error {layer.error:.3g} > max_layer_error {config.max_layer_error:g}"
+        else:
+            layer.reason = (
+                f"sensitivity: error {layer.error:.3g}, among the most sensitive "
+                f"{spent / total:.0%} of sparse-layer FLOPs (dense_flop_budget {config.dense_flop_budget:g})"
+            )
+        layer.decision, layer.pattern, layer.compensation = "dense", None, None
+
+
 def select_linears(gm: fx.GraphModule, ctx: PassContext) -> None:
     analysis = RoleAnalysis(ctx)
+    layers = []
     for node in gm.graph.nodes:
         if is_linear(node):
             node.meta["lynx"] = decide(ctx, analysis, node)
-            ctx.decisions.append(node.meta["lynx"])
+            layers.append(node.meta["lynx"])
+    keep_sensitive_dense(layers, ctx.config)
+    ctx.decisions.extend(layers)

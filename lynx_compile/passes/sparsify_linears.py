@@ -6,6 +6,7 @@ Replaces with:
     ``torch.ops.lynx.sparse_linear(x, W, b, n, m, norm_compensation, eps, lora_down, lora_up)``:
     N:M selection, norm compensation and the optional LoRA correction folded into one op, so
     Inductor sees a single extern call per layer and compiles everything around it.
+    LoRA factors that do not fit the layer's weight raise ValueError naming the layer.
 """
 
 from __future__ import annotations
@@ -17,10 +18,28 @@ from .graph import PassContext, fake_value, set_fake_value
 from .select_linears import is_linear
 
 
+def _check_factors(name: str, down: torch.Tensor, up: torch.Tensor, weight: torch.Tensor) -> None:
+    n_out, k = weight.shape
+    if down.shape[1] != k or tuple(up.shape) != (n_out, down.shape[0]):
+        raise ValueError(
+            f"lynx: LoRA factors of layer {name!r} do not fit its weight {tuple(weight.shape)}: lora_down "
+            f"{tuple(down.shape)} must be (r, {k}) and lora_up {tuple(up.shape)} ({n_out}, r); "
+            "was the compensation calibrated on another model?"
+        )
+
+
 def sparsify_linears(gm: fx.GraphModule, ctx: PassContext) -> None:
     config = ctx.config
     lora_factors = config.compensation_state or {}
     graph = gm.graph
+    sparse_names = [n.meta["lynx"].name for n in graph.nodes if is_linear(n) and n.meta.get("lynx") is not None
+                    and n.meta["lynx"].decision == "sparse"]
+    if config.compensation == "lora" and lora_factors and sparse_names and not set(sparse_names) & set(lora_factors):
+        # Factors for none of the layers: a state calibrated on another model, not a partial one.
+        raise ValueError(
+            f"lynx: compensation_state has LoRA factors for none of this graph's {len(sparse_names)} sparse layer(s) "
+            f"(e.g. {sparse_names[0]!r}; the state has {sorted(lora_factors)[:3]!r}...): calibrated on another model?"
+        )
     for node in list(graph.nodes):
         decision = node.meta.get("lynx")
         if not is_linear(node) or decision is None or decision.decision != "sparse":
@@ -31,6 +50,7 @@ def sparsify_linears(gm: fx.GraphModule, ctx: PassContext) -> None:
         if config.compensation == "lora":
             if decision.name in lora_factors:
                 down, up = lora_factors[decision.name]
+                _check_factors(decision.name, down, up, ctx.constant(weight))
                 device, dtype = fake_value(x).device, fake_value(x).dtype
                 lora_down = ctx.add_constant(f"{decision.name}_lora_down", down.detach().to(device, dtype), node)
                 lora_up = ctx.add_constant(f"{decision.name}_lora_up", up.detach().to(device, dtype), node)
