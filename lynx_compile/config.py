@@ -49,6 +49,11 @@ class LynxConfig:
     pattern must match). Required by ``compensation="lora"``; ignored otherwise. Factors that
     do not fit their layer's weight raise ValueError when the model is compiled."""
 
+    speed_guard: bool = True
+    """On the CUDA kernel path, keep layers dense where sparsify + sparse GEMM was measured
+    slower than dense cuBLAS (``lynx_compile.kernels.slower_than_dense``). Off: every selected
+    layer the kernel can take runs sparse, e.g. for quality studies."""
+
     eps: float = 1e-12
     """eps of the norm-compensation scale sqrt(||x||^2 / (||x~||^2 + eps))."""
 
@@ -110,6 +115,8 @@ class LynxConfig:
         object.__setattr__(self, "sparse_roles", frozenset(roles))
         if isinstance(self.min_features, bool) or not isinstance(self.min_features, int) or self.min_features < 0:
             raise ValueError(f"LynxConfig.min_features: expected an int >= 0, got {self.min_features!r}")
+        if not isinstance(self.speed_guard, bool):
+            raise ValueError(f"LynxConfig.speed_guard: expected True or False, got {self.speed_guard!r}")
         if not isinstance(self.eps, (int, float)) or isinstance(self.eps, bool) or not 0 < self.eps < 1:
             raise ValueError(f"LynxConfig.eps: expected a float in (0, 1), got {self.eps!r}")
         self._check_compensation_state()

@@ -45,7 +45,13 @@ __all__ = [
     "choose_config",
 ]
 
-_SRC_DIR = Path(os.environ.get("LYNX_COMPILE_CUDA_SRC", Path(__file__).resolve().parent.parent / "cuda"))
+def _default_src_dir() -> Path:
+    """``cuda/`` ships inside an installed wheel as ``lynx_compile/cuda``; a checkout has it at the top."""
+    packaged = Path(__file__).resolve().parent / "cuda"
+    return packaged if packaged.is_dir() else Path(__file__).resolve().parent.parent / "cuda"
+
+
+_SRC_DIR = Path(os.environ.get("LYNX_COMPILE_CUDA_SRC") or _default_src_dir())
 _LIB_NAME = "liblynx_kernels.so"
 _NVCC_FLAGS = [
     "-std=c++17", "-O3", "-DNDEBUG", "-DCUTLASS_ENABLE_GDC_FOR_SM90", "-Xcompiler", "-fPIC", "--expt-relaxed-constexpr",
@@ -268,6 +274,22 @@ def unsupported_reason(device: torch.device, dtype: torch.dtype, in_features: in
     return None
 
 
+SLOWER_BELOW_OUT_FEATURES = 2048
+
+
+def slower_than_dense(in_features: int, out_features: int) -> str | None:
+    """Why sparse would lose to cuBLAS on this layer, from benchmarks/results/gemm-*.json (H100).
+
+    With few output features the separate sparsify pass (a read of X, a write of half of it)
+    costs more than the sparse GEMM saves: 0.72x, 0.78x and 0.88x of cuBLAS end to end at
+    N = 1152, against 1.06-1.52x from N = 3456 up.
+    """
+    if out_features < SLOWER_BELOW_OUT_FEATURES:
+        return (f"out_features {out_features} < {SLOWER_BELOW_OUT_FEATURES}: sparsify + sparse GEMM measured "
+                "slower than cuBLAS there (0.72-0.88x on H100)")
+    return None
+
+
 # --------------------------------------------------------------------------------------------
 # Configurations and the per-shape heuristic
 # --------------------------------------------------------------------------------------------
@@ -286,10 +308,44 @@ def gemm_configs() -> dict[str, int]:
     return _config_index
 
 
-# (name, swizzle, raster) chosen by M, N, K; filled from benchmarks/gemm.py --tune on H100.
+# Measured best (config suffix, swizzle, raster) on H100 SXM (benchmarks/gemm.py --tune), keyed on (M, N, K).
+# raster: 1 = along M, 2 = along N, 0 = CUTLASS heuristic.
+_TUNED: dict[tuple[int, int, int], tuple[str, int, int]] = {
+    (4096, 3456, 1152): ("128x128_c1x2_pp", 1, 1),
+    (4096, 1152, 1152): ("128x128_c1x2_pp", 1, 1),
+    (4096, 4608, 1152): ("128x128_c1x2_pp", 1, 1),
+    (4096, 1152, 4608): ("128x128_c1x2_coop", 1, 1),
+    (8192, 4608, 1152): ("256x128_c1x2_coop", 1, 1),
+    (8192, 1152, 4608): ("256x128_c2x1_coop", 1, 2),
+    (4608, 9216, 3072): ("256x128_c1x2_coop", 1, 1),
+    (4608, 12288, 3072): ("256x128_c1x2_coop", 2, 1),
+    (4608, 3072, 12288): ("256x128_c1x2_coop", 1, 1),
+    (4608, 21504, 3072): ("256x128_c1x2_coop", 2, 1),
+    (4608, 3072, 15360): ("256x128_c1x2_coop", 1, 2),
+    (4096, 4096, 3072): ("256x128_c2x1_coop", 4, 2),
+    (4096, 4096, 12288): ("256x128_c1x2_coop", 8, 1),
+    (512, 4608, 1152): ("256x128_c2x1_coop", 1, 2),
+}
+
+
 def _heuristic(dtype: torch.dtype, M: int, N: int, K: int) -> tuple[str, int, int]:
+    """(config name, swizzle, raster): the tuned entry, else a rule fitted to the tuned shapes.
+
+    256x128 tiles (2x1 cluster) win once there are enough of them to fill the 132 SMs about 1.5 times;
+    below that the smaller 128x128 tile balances better (ping-pong for short K, cooperative for long K).
+    """
     prefix = "bf16" if dtype == torch.bfloat16 else "fp16"
-    return f"{prefix}_128x128_c1x2_coop", 1, 0
+    hit = _TUNED.get((M, N, K))
+    if hit is None:
+        tiles_256 = -(-M // 256) * -(-N // 128)
+        if M >= 1024 and tiles_256 < 200:
+            hit = ("128x128_c1x2_pp" if K <= 2048 else "128x128_c1x2_coop", 1, 1)
+        else:
+            hit = ("256x128_c2x1_coop", 1, 1)
+    name = f"{prefix}_{hit[0]}"
+    if name not in gemm_configs():  # fp16 has fewer configurations
+        name = f"{prefix}_256x128_c2x1_coop" if hit[0].startswith("256") else f"{prefix}_128x128_c1x2_coop"
+    return name, hit[1], hit[2]
 
 
 def choose_config(dtype: torch.dtype, M: int, N: int, K: int, has_c: bool = False) -> tuple[int, int, int]:
@@ -347,7 +403,7 @@ def _aligned(t: Tensor) -> Tensor:
 
 def compress_2to4(x2d: Tensor, norm_compensation: bool = True, eps: float = ops.NORM_EPS,
                   _swap_nibbles: bool = False) -> tuple[Tensor, Tensor, Tensor]:
-    """2:4-sparsify a (M, K) bf16/fp16 CUDA tensor in one pass.
+    """2:4-sparsify a (M, K) bf16/fp16 CUDA tensor in one pass (K a multiple of 16; call on x's device).
 
     Returns ``(values (M, K/2), metadata (bytes, CUTLASS sm90 layout), scale (M,) fp32)``.
     """
@@ -380,7 +436,11 @@ def _workspace(dev: int, nbytes: int) -> Tensor | None:
 def sparse_mm_compressed(values: Tensor, meta: Tensor, scale: Tensor | None, weight: Tensor, bias: Tensor | None = None,
                          c: Tensor | None = None, out: Tensor | None = None,
                          config: tuple[int, int, int] | None = None, pdl: bool | None = None) -> Tensor:
-    """``scale[:, None] * (A~ @ weight.T) + bias (+ c)`` from the compressed activation; (M, N) output."""
+    """``scale[:, None] * (A~ @ weight.T) + bias (+ c)`` from the compressed activation; (M, N) output.
+
+    Call with the tensors' device current (``sparse_linear_cuda`` does). ``config`` = (index, swizzle, raster)
+    overrides the per-shape heuristic (see :func:`choose_config`).
+    """
     lib = _load()
     assert lib is not None, _lib_error
     M, K = values.shape[0], values.shape[1] * 2
@@ -437,11 +497,12 @@ def sparse_linear_cuda(x: Tensor, weight: Tensor, bias: Tensor | None, n: int, m
     out = torch.empty((M, N), dtype=x.dtype, device=x.device)
     if M == 0:
         return out.reshape(*lead, N)
-    values, meta, scale = compress_2to4(x2, norm_compensation, eps)
-    c = None
-    if lora_down is not None and lora_up is not None:
-        c = (x2 @ lora_down.to(x.dtype).t()) @ lora_up.to(x.dtype).t()
-    sparse_mm_compressed(values, meta, scale, weight, bias, c, out=out)
+    with torch.cuda.device(x.device):  # the library launches on the calling thread's current device
+        values, meta, scale = compress_2to4(x2, norm_compensation, eps)
+        c = None
+        if lora_down is not None and lora_up is not None:
+            c = (x2 @ lora_down.to(x.dtype).t()) @ lora_up.to(x.dtype).t()
+        sparse_mm_compressed(values, meta, scale, weight, bias, c, out=out)
     return out.reshape(*lead, N)
 
 

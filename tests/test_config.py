@@ -47,3 +47,9 @@ def test_options_map_onto_fields_and_unknown_keys_fail():
 def test_config_is_frozen():
     with pytest.raises(Exception):
         LynxConfig().pattern = "1:4"
+
+
+def test_speed_guard_is_a_bool():
+    assert LynxConfig().speed_guard is True
+    with pytest.raises(ValueError, match="LynxConfig.speed_guard"):
+        LynxConfig(speed_guard="yes")

@@ -69,7 +69,7 @@ def rel_err(a, b):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("M,Kf", [(1, 64), (5, 128), (63, 192), (64, 1152), (200, 1024), (1000, 3072)])
+@pytest.mark.parametrize("M,Kf", [(1, 64), (5, 128), (63, 192), (64, 1152), (200, 1024), (1000, 3072), (70, 4608), (9, 15360), (3, 20480)])
 def test_compress_matches_reference_selection(K, dtype, M, Kf):
     x = torch.randn(M, Kf, device="cuda").to(dtype)
     # ties and signed zeros in some rows
@@ -123,6 +123,7 @@ SHAPES = [  # (leading dims, K, N)
     ((300,), 1024, 1000),
     ((3, 5, 67), 3072, 512),
     ((1000,), 4608, 1152),
+    ((33,), 12288, 256),
 ]
 
 

@@ -46,17 +46,17 @@ def _layer_name(ctx: PassContext, linear: fx.Node, weight: fx.Node) -> str:
     return linear.name
 
 
-def _kernel_path(device: torch.device, dtype: torch.dtype, k: int, n_out: int, n: int, m: int) -> tuple[bool, str]:
+def _kernel_path(device: torch.device, dtype: torch.dtype, k: int, n_out: int, n: int, m: int,
+                 speed_guard: bool) -> tuple[bool, str]:
     """(runs sparse, how or why not) for the device the weight lives on."""
     if device.type != "cuda":
         return True, f"reference path ({device.type})"
-    try:
-        from .. import kernels
-    except ImportError as err:  # pragma: no cover - the module ships with the package
-        return True, f"reference path (no CUDA kernels: {err})"
+    from .. import kernels
+
     reason = kernels.unsupported_reason(device, dtype, k, n_out, n, m)
     if reason is None:
-        return True, "CUDA sparse kernel"
+        slower = kernels.slower_than_dense(k, n_out) if speed_guard else None
+        return (False, f"speed_guard: {slower}") if slower else (True, "CUDA sparse kernel")
     if not kernels.available() or (n, m) != (2, 4):
         # No kernel for this machine or pattern at all: the reference still computes it.
         return True, f"reference path ({reason})"
@@ -97,7 +97,7 @@ def decide(ctx: PassContext, analysis: RoleAnalysis, linear: fx.Node) -> LayerDe
         return dense(f"in_features {k} is not a multiple of {config.m} (pattern {config.pattern})")
     if min(k, n_out) < config.min_features:
         return dense(f"{k} -> {n_out} is below min_features={config.min_features}")
-    sparse, how = _kernel_path(w_fake.device, w_fake.dtype, k, n_out, config.n, config.m)
+    sparse, how = _kernel_path(w_fake.device, w_fake.dtype, k, n_out, config.n, config.m, config.speed_guard)
     if not sparse:
         return dense(how)
     layer.decision, layer.reason = "sparse", how

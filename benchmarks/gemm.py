@@ -1,0 +1,225 @@
+"""Benchmark of the lynx 2:4 activation-sparse linear against cuBLAS dense and cuSPARSELt (H100/H200).
+
+    python benchmarks/gemm.py                 # the standard shapes
+    python benchmarks/gemm.py 4096x1152x3456  # extra shapes, M x K x N (M x K -> N)
+    python benchmarks/gemm.py --tune          # also sweep every GEMM configuration per shape
+
+All times are medians (ms) of ``triton.testing.do_bench`` over CUDA-graph replays (pure GPU time), in
+one process. Writes ``benchmarks/results/gemm-<gpu>.json`` and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import re
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from lynx_compile import kernels, ops  # noqa: E402
+
+SHAPES = [  # (M, K, N)
+    (4096, 1152, 3456), (4096, 1152, 1152), (4096, 1152, 4608), (4096, 4608, 1152),
+    (8192, 1152, 4608), (8192, 4608, 1152),
+    (4608, 3072, 9216), (4608, 3072, 12288), (4608, 12288, 3072), (4608, 3072, 21504), (4608, 15360, 3072),
+    (4096, 3072, 4096), (4096, 12288, 4096),
+    (512, 1152, 4608),
+]
+LARGE = SHAPES[:13]
+
+
+def bench_graph(fn, warmup: int = 3, min_graph_ms: float = 0.5, rep: int = 150) -> float:
+    """Median ms per call of fn(), from CUDA-graph replays (several calls per graph for short kernels,
+    so that the replay's launch cost does not hide the GPU time)."""
+    from triton.testing import do_bench
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    one = do_bench(g.replay, warmup=10, rep=50, return_mode="median")
+    reps = max(1, min(64, math.ceil(min_graph_ms / max(one, 1e-3))))
+    if reps > 1:
+        del g
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            for _ in range(reps):
+                fn()
+    ms = do_bench(g.replay, warmup=25, rep=rep, return_mode="median") / reps
+    del g
+    return ms
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy bandwidth in GB/s (bytes read + written)."""
+    from triton.testing import do_bench
+
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda").random_(0, 255)
+    dst = torch.empty_like(src)
+    ms = do_bench(lambda: dst.copy_(src), warmup=25, rep=100, return_mode="median")
+    return 2 * src.numel() / ms / 1e6
+
+
+def sparsify_bandwidth(dtype) -> tuple[float, float]:
+    """(GB/s moved, ms) by the sparsify kernel on a tensor far larger than L2."""
+    M, K = 65536, 4608
+    x = torch.randn(M, K, device="cuda", dtype=dtype)
+    ms = bench_graph(lambda: kernels.compress_2to4(x, True))
+    nbytes = M * K * 2 + M * K + kernels.metadata_bytes(M, K) + M * 4
+    return nbytes / ms / 1e6, ms
+
+
+def run_shape(M, K, N, dtype, tune: bool) -> dict:
+    torch.manual_seed(0)
+    x = torch.randn(M, K, device="cuda", dtype=dtype)
+    w = (torch.randn(N, K, device="cuda") / math.sqrt(K)).to(dtype)
+    b = torch.randn(N, device="cuda", dtype=dtype)
+    row: dict = {"M": M, "K": K, "N": N, "dtype": str(dtype).replace("torch.", "")}
+
+    row["dense_ms"] = bench_graph(lambda: F.linear(x, w, b))
+
+    # cuSPARSELt GEMM only: A = 2:4-pruned x, pre-compressed.
+    try:
+        kept, _ = ops.sparsify_reference(x, 2, 4, False, ops.NORM_EPS)
+        xc = torch._cslt_compress(kept)
+        wt = w.t()
+        torch._cslt_sparse_mm(xc, wt)
+        row["cslt_ms"] = bench_graph(lambda: torch._cslt_sparse_mm(xc, wt))
+        del kept, xc
+    except Exception as exc:  # noqa: BLE001
+        row["cslt_ms"] = None
+        row["cslt_error"] = f"{type(exc).__name__}: {exc}"[:200]
+
+    values, meta, scale = kernels.compress_2to4(x, True)
+    out = torch.empty(M, N, device="cuda", dtype=dtype)
+    row["sparsify_ms"] = bench_graph(lambda: kernels.compress_2to4(x, True))
+    cfg = kernels.choose_config(dtype, M, N, K)
+    row["config"] = [{v: k for k, v in kernels.gemm_configs().items()}[cfg[0]], cfg[1], cfg[2]]
+    row["gemm_ms"] = bench_graph(lambda: kernels.sparse_mm_compressed(values, meta, scale, w, b, out=out))
+    row["e2e_ms"] = bench_graph(lambda: torch.ops.lynx.sparse_linear(x, w, b, 2, 4, True))
+
+    y = torch.ops.lynx.sparse_linear(x, w, b, 2, 4, True)
+    kept, s = ops.sparsify_reference(x, 2, 4, True, ops.NORM_EPS)
+    ref = (kept.float() @ w.float().t()) * s + b.float()
+    row["rel_err"] = rel_err(y, ref)
+    row["nonfinite"] = int((~torch.isfinite(y)).sum().item())
+
+    if tune:
+        prefix = "bf16" if dtype == torch.bfloat16 else "fp16"
+        res = {}
+        for name, idx in kernels.gemm_configs().items():
+            if not name.startswith(prefix) or name.endswith("_c"):
+                continue
+            for swz in (1, 2, 4, 8):
+                for ras in (1, 2):
+                    try:
+                        ms = bench_graph(lambda: kernels.sparse_mm_compressed(values, meta, scale, w, b, out=out,
+                                                                              config=(idx, swz, ras)), rep=60)
+                    except Exception as exc:  # noqa: BLE001
+                        ms = float("nan")
+                        print(f"  {name} {swz} {ras}: {exc}", file=sys.stderr)
+                    res[f"{name}:{swz}:{ras}"] = ms
+        best = min(res, key=lambda k: res[k] if res[k] == res[k] else 1e9)
+        row["tune"] = res
+        row["tune_best"] = [best, res[best]]
+    del values, meta, scale, out, x, w
+    torch.cuda.empty_cache()
+    return row
+
+
+def slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("shapes", nargs="*", help="extra shapes MxKxN")
+    ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
+    ap.add_argument("--tune", action="store_true", help="sweep GEMM configurations per shape")
+    ap.add_argument("--only-extra", action="store_true", help="run only the shapes given on the command line")
+    ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/gemm-<gpu>.json)")
+    args = ap.parse_args()
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float16
+    assert torch.cuda.is_available() and kernels.available(), f"CUDA kernels unavailable: {kernels._lib_error}"
+
+    extra = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes]
+    shapes = extra if args.only_extra else SHAPES + [s for s in extra if s not in SHAPES]
+    gpu = torch.cuda.get_device_name()
+    rows = []
+    for M, K, N in shapes:
+        r = run_shape(M, K, N, dtype, args.tune)
+        rows.append(r)
+        print(f"{M}x{K}->{N}: dense {r['dense_ms']:.4f} cslt {r['cslt_ms']} sparsify {r['sparsify_ms']:.4f} "
+              f"gemm {r['gemm_ms']:.4f} e2e {r['e2e_ms']:.4f} err {r['rel_err']:.2e}"
+              + (f" best {r['tune_best']}" if args.tune else ""), flush=True)
+
+    bw_copy = copy_bandwidth()
+    bw_sp, ms_sp = sparsify_bandwidth(dtype)
+
+    from tabulate import tabulate
+
+    def f(v, d=4):
+        return "-" if v is None else f"{v:.{d}f}"
+
+    table = []
+    for r in rows:
+        d = r["dense_ms"]
+        table.append([f"{r['M']}x{r['K']}->{r['N']}", f(d), f(r["cslt_ms"]), f(r["sparsify_ms"]), f(r["gemm_ms"]),
+                      f(r["e2e_ms"]), f(d / r["cslt_ms"], 2) if r["cslt_ms"] else "-", f(d / r["gemm_ms"], 2),
+                      f(d / r["e2e_ms"], 2), f"{r['rel_err']:.1e}", r["config"][0]])
+    headers = ["M x K -> N", "cuBLAS ms", "cuSPARSELt ms", "sparsify ms", "GEMM ms", "e2e ms", "cslt x", "GEMM x",
+               "e2e x", "rel err", "config"]
+    print(tabulate(table, headers=headers, tablefmt="github"))
+
+    def geo(key):
+        sel = [r for r in rows if (r["M"], r["K"], r["N"]) in LARGE and r.get(key)]
+        if len(sel) != len(LARGE):
+            return None
+        return math.exp(sum(math.log(r["dense_ms"] / r[key]) for r in sel) / len(sel))
+
+    summary = {k: geo(k) for k in ("e2e_ms", "gemm_ms", "cslt_ms")}
+    print(f"geomean speedup over cuBLAS, 13 large shapes: e2e {f(summary['e2e_ms'], 3)}  GEMM alone "
+          f"{f(summary['gemm_ms'], 3)}  cuSPARSELt {f(summary['cslt_ms'], 3)}")
+    print(f"copy bandwidth {bw_copy:.0f} GB/s; sparsify (65536x4608) {bw_sp:.0f} GB/s = "
+          f"{100 * bw_sp / bw_copy:.1f}% of copy ({ms_sp:.3f} ms)")
+
+    result = {
+        "gpu": gpu,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "dtype": args.dtype,
+        "timing": "triton.testing.do_bench median over CUDA-graph replay (graphs of several calls for short kernels), ms per call",
+        "copy_bandwidth_GBps": bw_copy,
+        "sparsify_bandwidth_GBps": bw_sp,
+        "geomean_speedup_large": summary,
+        "rows": rows,
+    }
+    suffix = "" if args.dtype == "bf16" else f"-{args.dtype}"
+    out = Path(args.out) if args.out else Path(__file__).resolve().parent / "results" / f"gemm-{slug(gpu)}{suffix}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    print(f"wrote {out}")
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"], out.name).write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

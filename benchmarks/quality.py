@@ -1,0 +1,498 @@
+"""Quality of lynx sparsity variants on the trained digits DiT (``checkpoints/dit_digits.pt``).
+
+    python benchmarks/quality.py            # full settings (CPU: a few minutes)
+    python benchmarks/quality.py --quick    # small settings, as tests/test_quality.py runs it
+    python benchmarks/quality.py --device cuda
+
+Variants, all on the same layers (those lynx selects with the default config: attention qkv,
+MLP fc1 / fc2 of every block):
+
+* dense;
+* weight 2:4: magnitude pruning of W, 2 of every 4 weights along K per output row (the
+  RT-Lynx paper's baseline: what sparse tensor cores run with offline-pruned weights);
+* activation N:M (lynx), per token, with ``compensation`` none / norm / norm + LoRA (LoRA
+  factors from ``lynx_compile.calibrate`` on training images; "pending" when unavailable).
+
+Activation variants run through ``torch.compile`` with ``LynxBackend(config, inductor=False)``:
+exactly the function the lynx-compiled model computes, without Inductor's compile time.
+
+Metrics (every variant sees the same inputs, noise, timesteps and seeds):
+
+* layer error: ``||Y' - Y|| / ||Y||`` of each selected layer on the dense model's own inputs
+  to that layer (captured with hooks over a timestep sweep); mean and worst layer. Isolates
+  each layer's approximation from the error that propagates through depth;
+* eps error: relative error of the whole model's noise prediction vs dense, mean over the sweep;
+* held-out loss: epsilon MSE on the test split (fixed draws), and its change vs dense;
+* PSNR / SSIM of deterministic DDIM samples vs the dense samples from the same noise;
+* digit accuracy: a logistic-regression classifier trained on the real training digits,
+  applied to the samples, scored against the requested labels.
+
+Writes ``results/quality-<device>.json`` and ``results/quality-samples.png`` (rows = variants).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import re
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_dit import CHECKPOINT, NULL_CLASS, RESULTS, SCHEDULE, heldout_loss, load_checkpoint, load_digits_split  # noqa: E402
+
+from lynx_compile import LynxBackend, LynxConfig, explain  # noqa: E402
+from lynx_compile.diffusion import NoiseSchedule, ddim_sample  # noqa: E402
+from lynx_compile.ops import keep_mask  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Settings:
+    probe_images: int = 32
+    """Held-out images noised at each sweep timestep for the layer and eps errors."""
+    sweep: tuple[int, ...] = (50, 200, 400, 600, 800, 950)
+    heldout_images: int | None = None
+    """Held-out images in the denoising loss (None: the whole test split, 360)."""
+    heldout_draws: int = 2
+    """(timestep, noise) draws per held-out image for the denoising loss."""
+    samples_per_class: int = 5
+    ddim_steps: int = 25
+    guidance_scale: float = 2.0
+    calibration_batches: int = 8
+    lora_rank: int = 32
+    sensitivity: bool = True
+    """Also measure each layer alone (``single_layer_sensitivity``)."""
+    seed: int = 0
+
+
+QUICK = Settings(probe_images=8, sweep=(100, 500, 900), heldout_images=120, heldout_draws=1, samples_per_class=1,
+                 ddim_steps=8, calibration_batches=2, sensitivity=False)
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    kind: str
+    """``dense``, ``weight`` (pruned W) or ``activation`` (lynx)."""
+    pattern: str = "2:4"
+    compensation: str = "none"
+
+
+VARIANTS = (
+    Variant("dense", "dense"),
+    Variant("weight 2:4", "weight"),
+    Variant("act 2:4", "activation", "2:4", "none"),
+    Variant("act 2:4 + norm", "activation", "2:4", "norm"),
+    Variant("act 2:4 + norm + LoRA", "activation", "2:4", "lora"),
+    Variant("act 4:8 + norm", "activation", "4:8", "norm"),
+    Variant("act 1:4 + norm", "activation", "1:4", "norm"),
+)
+
+
+def relative_error(output: Tensor, reference: Tensor) -> float:
+    reference = reference.double()
+    return ((output.double() - reference).norm() / reference.norm()).item()
+
+
+def psnr(images: Tensor, reference: Tensor) -> Tensor:
+    """Per-image PSNR in dB of images in [-1, 1], on the [0, 1] scale (data range 1)."""
+    mse = ((images - reference) / 2).pow(2).flatten(1).mean(1)
+    return 10 * torch.log10(1 / mse.clamp_min(1e-12))
+
+
+def ssim(images: Tensor, reference: Tensor, window: int = 5, sigma: float = 1.0) -> Tensor:
+    """Per-image SSIM (Wang et al. 2004) of (B, 1, H, W) images in [-1, 1], on the [0, 1] scale.
+
+    The usual 11x11 window is wider than an 8x8 digit, hence 5x5 (sigma 1), valid positions only
+    (no padding, whose zeros would read as structure).
+    """
+    c1, c2 = 0.01**2, 0.03**2
+    a, b = (images.double() + 1) / 2, (reference.double() + 1) / 2
+    coords = torch.arange(window, dtype=torch.float64) - (window - 1) / 2
+    g = torch.exp(-coords**2 / (2 * sigma**2))
+    kernel = (torch.outer(g, g) / g.sum() ** 2)[None, None].to(a.device)
+
+    def blur(x: Tensor) -> Tensor:
+        return F.conv2d(x, kernel)
+
+    mu_a, mu_b = blur(a), blur(b)
+    var_a, var_b = blur(a * a) - mu_a**2, blur(b * b) - mu_b**2
+    cov = blur(a * b) - mu_a * mu_b
+    ssim_map = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
+    return ssim_map.flatten(1).mean(1)
+
+
+def classifier_features(images: Tensor):
+    """[-1, 1] images -> (B, 64) numpy features in [0, 1] (unit scale: lbfgs converges in 2x fewer steps)."""
+    return ((images.clamp(-1, 1) + 1) / 2).flatten(1).cpu().numpy()
+
+
+class Harness:
+    """Everything the variants share: model, data, selected layers, probe inputs, the dense layer inputs."""
+
+    def __init__(self, settings: Settings, device: str, checkpoint: Path = CHECKPOINT):
+        self.settings, self.device = settings, torch.device(device)
+        self.model = load_checkpoint(checkpoint, self.device)
+        self.schedule = NoiseSchedule.named(SCHEDULE)
+        self.data = load_digits_split(self.device)
+        gen = torch.Generator().manual_seed(settings.seed)
+        x = self.data["x_test"][: settings.probe_images]
+        y = self.data["y_test"][: settings.probe_images]
+        # One probe batch per sweep timestep, with noise fixed once for all variants.
+        self.probes = []
+        for t in settings.sweep:
+            noise = torch.randn(x.shape, generator=gen).to(x)
+            t_batch = torch.full((x.shape[0],), t, dtype=torch.long, device=self.device)
+            self.probes.append((self.schedule.add_noise(x, noise, t_batch), t_batch, y))
+        self.sample_labels = torch.arange(10, device=self.device).repeat_interleave(settings.samples_per_class)
+        self.sample_noise = torch.randn((self.sample_labels.shape[0], 1, 8, 8), generator=gen).to(self.device)
+        self.report = explain(self.model, *self.probes[0], config=self.base_config())
+        modules = dict(self.model.named_modules())
+        self.layers: dict[str, nn.Linear] = {d.name: modules[d.name] for d in self.report.sparse}
+        self.layer_inputs = self._capture_layer_inputs()
+        self.classifier = self._train_classifier()
+
+    @staticmethod
+    def base_config(**fields: Any) -> LynxConfig:
+        # The lynx defaults (min_features=256 included) select qkv, fc1 and fc2 of this
+        # hidden-256 model as they are; nothing is lowered for the benchmark.
+        return LynxConfig(**fields)
+
+    @torch.no_grad()
+    def _capture_layer_inputs(self) -> dict[str, Tensor]:
+        captured: dict[str, list[Tensor]] = {name: [] for name in self.layers}
+        handles = [
+            module.register_forward_pre_hook(lambda module, inputs, name=name: captured[name].append(inputs[0].detach()))
+            for name, module in self.layers.items()
+        ]
+        try:
+            for probe in self.probes:
+                self.model(*probe)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return {name: torch.cat([x.reshape(-1, x.shape[-1]) for x in xs]) for name, xs in captured.items()}
+
+    def _train_classifier(self):
+        from sklearn.linear_model import LogisticRegression
+        from threadpoolctl import threadpool_limits
+
+        classifier = LogisticRegression(max_iter=5000)
+        # One BLAS thread: on a busy 2-core machine the threaded fit of this 1437 x 64 problem
+        # takes 15 s instead of 0.1 s.
+        with threadpool_limits(1):
+            classifier.fit(classifier_features(self.data["x_train"]), self.data["y_train"].cpu().numpy())
+        self.classifier_test_accuracy = float(
+            classifier.score(classifier_features(self.data["x_test"]), self.data["y_test"].cpu().numpy())
+        )
+        return classifier
+
+    def calibration_batches(self) -> list[tuple[Tensor, Tensor, Tensor]]:
+        """Noised *training* images at random timesteps: the test split stays unseen by the LoRA fit."""
+        gen = torch.Generator().manual_seed(self.settings.seed + 1)
+        x_train, y_train = self.data["x_train"], self.data["y_train"]
+        batches = []
+        for _ in range(self.settings.calibration_batches):
+            idx = torch.randint(0, x_train.shape[0], (64,), generator=gen).to(self.device)
+            t = torch.randint(0, self.schedule.steps, (64,), generator=gen).to(self.device)
+            noise = torch.randn((64, 1, 8, 8), generator=gen).to(self.device)
+            batches.append((self.schedule.add_noise(x_train[idx], noise, t), t, y_train[idx]))
+        return batches
+
+
+def lora_state(harness: Harness) -> tuple[Any, str | None]:
+    """(calibrated LoRA factors, None) or (None, why the LoRA variant is pending)."""
+    try:
+        from lynx_compile.calibrate import calibrate
+    except ImportError as err:
+        return None, f"pending (calibration not available: {err})"
+    try:
+        compensation = calibrate(harness.model, harness.calibration_batches(), harness.base_config(),
+                                 rank=harness.settings.lora_rank, progress=False)
+    except Exception as err:  # noqa: BLE001 - a broken calibrator must not hide the other variants
+        return None, f"pending (calibration failed: {type(err).__name__}: {err})"
+    return compensation, None
+
+
+class VariantModel:
+    """One variant as (a forward function, a per-layer function on captured inputs)."""
+
+    def __init__(self, harness: Harness, variant: Variant, lora: Any = None, only: str | None = None):
+        """``only``: sparsify just this one of the selected layers (the sensitivity ablation)."""
+        self.variant = variant
+        model = harness.model
+        layers = [only] if only is not None else list(harness.layers)
+        if variant.kind == "weight":
+            n, m = (int(v) for v in variant.pattern.split(":"))
+            model = copy.deepcopy(model)
+            pruned = dict(model.named_modules())
+            with torch.no_grad():
+                for name in layers:
+                    weight = pruned[name].weight
+                    # keep_mask works along the last dim: for W (N, K) that is per output row, along K.
+                    weight.mul_(keep_mask(weight, n, m))
+            self.pruned = {name: pruned[name] for name in layers}
+        self.config = None
+        if variant.kind == "activation":
+            self.config = harness.base_config(
+                pattern=variant.pattern, compensation=variant.compensation,
+                compensation_state=lora if variant.compensation == "lora" else None,
+                include=None if only is None else f"^{re.escape(only)}$",
+            )
+            self.backend = LynxBackend(self.config, inductor=False)
+            # Dynamic shapes: one trace serves the probe, held-out and sampling batch sizes.
+            model = torch.compile(model, backend=self.backend, dynamic=True)
+        self.forward: Callable[..., Tensor] = model
+
+    def layer_output(self, name: str, layer: nn.Linear, x: Tensor) -> Tensor:
+        if self.variant.kind == "weight":
+            return self.pruned[name](x)
+        if self.variant.kind == "activation":
+            c = self.config
+            down, up = c.compensation_state[name] if c.compensation == "lora" else (None, None)
+            return torch.ops.lynx.sparse_linear(x, layer.weight, layer.bias, c.n, c.m, c.norm_compensation, c.eps, down, up)
+        return layer(x)
+
+
+@torch.no_grad()
+def evaluate(harness: Harness, variant_model: VariantModel, dense: dict[str, Any] | None) -> dict[str, Any]:
+    s = harness.settings
+    layer_errors = {
+        name: relative_error(variant_model.layer_output(name, layer, harness.layer_inputs[name]), layer(harness.layer_inputs[name]))
+        for name, layer in harness.layers.items()
+    }
+    eps = [variant_model.forward(*probe) for probe in harness.probes]
+    heldout = slice(0, s.heldout_images)
+    loss = heldout_loss(variant_model.forward, harness.schedule, harness.data["x_test"][heldout],
+                        harness.data["y_test"][heldout], draws=s.heldout_draws)
+    samples = ddim_sample(variant_model.forward, harness.schedule, harness.sample_noise, harness.sample_labels,
+                          steps=s.ddim_steps, guidance_scale=s.guidance_scale, null_class=NULL_CLASS)
+    predicted = harness.classifier.predict(classifier_features(samples))
+    result: dict[str, Any] = {
+        "layer_error_mean": sum(layer_errors.values()) / len(layer_errors),
+        "layer_error_worst": max(layer_errors.values()),
+        "layer_errors": layer_errors,
+        "heldout_loss": loss,
+        "digit_accuracy": float((torch.from_numpy(predicted) == harness.sample_labels.cpu()).float().mean()),
+        "eps": eps,
+        "samples": samples,
+    }
+    if dense is not None:
+        eps_errors = [relative_error(e, d) for e, d in zip(eps, dense["eps"])]
+        result |= {
+            "eps_error_mean": sum(eps_errors) / len(eps_errors),
+            "eps_error_by_t": dict(zip(map(str, s.sweep), eps_errors)),
+            "heldout_loss_change_pct": 100 * (loss / dense["heldout_loss"] - 1),
+            "psnr_db": psnr(samples, dense["samples"]).clamp(max=100).mean().item(),
+            "ssim": ssim(samples, dense["samples"]).mean().item(),
+        }
+    return result
+
+
+@torch.no_grad()
+def single_layer_sensitivity(harness: Harness) -> dict[str, dict[str, float]]:
+    """End-to-end eps error (mean over the sweep) with only one layer sparsified, per layer and
+    per 2:4 method: shows which layers the whole-model differences come from."""
+    dense_eps = [harness.model(*probe) for probe in harness.probes]
+    methods = [v for v in VARIANTS if v.name in ("weight 2:4", "act 2:4 + norm")]
+    sensitivity = {}
+    for name in harness.layers:
+        sensitivity[name] = {}
+        for variant in methods:
+            forward = VariantModel(harness, variant, only=name).forward
+            errors = [relative_error(forward(*probe), dense) for probe, dense in zip(harness.probes, dense_eps)]
+            sensitivity[name][variant.name] = sum(errors) / len(errors)
+        torch._dynamo.reset()
+    return sensitivity
+
+
+def run(settings: Settings, device: str = "cpu", variants: tuple[Variant, ...] = VARIANTS,
+        checkpoint: Path = CHECKPOINT, progress: bool = True) -> dict[str, Any]:
+    """Metrics of ``variants`` (dense is always measured first: the others are compared with it),
+    plus the ``eps`` and ``samples`` tensors (left out of the JSON) for the grid."""
+    started = time.time()
+    harness = Harness(settings, device, checkpoint)
+    wants_lora = any(v.compensation == "lora" for v in variants)
+    lora, lora_pending = lora_state(harness) if wants_lora else (None, None)
+    results: dict[str, dict[str, Any]] = {}
+    pending: dict[str, str] = {}
+    variants = (VARIANTS[0],) + tuple(v for v in variants if v.kind != "dense")
+    # A fresh backend per variant means a fresh Dynamo cache entry per (variant, input shape).
+    with torch._dynamo.config.patch(recompile_limit=1 << 20, accumulated_recompile_limit=1 << 20):
+        for variant in variants:
+            if variant.compensation == "lora" and lora is None:
+                pending[variant.name] = lora_pending
+                continue
+            if progress:
+                print(f"[quality] {variant.name} ...", flush=True)
+            variant_model = VariantModel(harness, variant, lora)
+            results[variant.name] = evaluate(harness, variant_model, results.get("dense"))
+            if variant.kind == "activation":
+                compiled_sparse = {d.name for d in variant_model.backend.report.sparse}
+                if compiled_sparse != set(harness.layers):
+                    raise RuntimeError(f"{variant.name}: lynx sparsified {sorted(compiled_sparse)}, expected {sorted(harness.layers)}")
+            torch._dynamo.reset()
+        sensitivity = single_layer_sensitivity(harness) if settings.sensitivity else None
+    return {
+        "settings": asdict(settings),
+        "device": device,
+        "layers": list(harness.layers),
+        "classifier_test_accuracy": harness.classifier_test_accuracy,
+        "lora_rank": settings.lora_rank if lora is not None else None,
+        "variants": results,
+        "pending": pending,
+        "single_layer_eps_error": sensitivity,
+        "seconds": time.time() - started,
+    }
+
+
+TABLE_COLUMNS = (
+    ("layer err mean", "layer_error_mean", "{:.4f}"),
+    ("layer err worst", "layer_error_worst", "{:.4f}"),
+    ("eps err", "eps_error_mean", "{:.4f}"),
+    ("held-out loss", "heldout_loss", "{:.5f}"),
+    ("loss vs dense", "heldout_loss_change_pct", "{:+.2f}%"),
+    ("PSNR dB", "psnr_db", "{:.2f}"),
+    ("SSIM", "ssim", "{:.4f}"),
+    ("digit acc", "digit_accuracy", "{:.1%}"),
+)
+
+
+def table(output: dict[str, Any], tablefmt: str = "github") -> str:
+    from tabulate import tabulate
+
+    rows = []
+    for variant in VARIANTS:
+        if variant.name not in output["variants"] and variant.name not in output["pending"]:
+            continue
+        if variant.name in output["pending"]:
+            rows.append([variant.name, output["pending"][variant.name]] + [""] * (len(TABLE_COLUMNS) - 1))
+            continue
+        metrics = output["variants"][variant.name]
+        rows.append([variant.name] + [fmt.format(metrics[key]) if key in metrics else "-" for _, key, fmt in TABLE_COLUMNS])
+    return tabulate(rows, headers=["variant"] + [title for title, _, _ in TABLE_COLUMNS], tablefmt=tablefmt, disable_numparse=True)
+
+
+def findings(output: dict[str, Any]) -> dict[str, Any]:
+    """The issue's done-means, checked on these numbers (reported whichever way they come out)."""
+    v = output["variants"]
+    weight, naive, norm = v["weight 2:4"], v["act 2:4"], v["act 2:4 + norm"]
+    return {
+        "activation_2of4_norm_beats_weight_2of4_layer_error": norm["layer_error_mean"] < weight["layer_error_mean"],
+        "activation_2of4_naive_beats_weight_2of4_layer_error": naive["layer_error_mean"] < weight["layer_error_mean"],
+        "activation_2of4_norm_beats_weight_2of4_eps_error": norm["eps_error_mean"] < weight["eps_error_mean"],
+        "activation_2of4_norm_beats_weight_2of4_heldout_loss": norm["heldout_loss"] < weight["heldout_loss"],
+        "norm_compensation_beats_naive_layer_error": norm["layer_error_mean"] < naive["layer_error_mean"],
+        "norm_compensation_beats_naive_eps_error": norm["eps_error_mean"] < naive["eps_error_mean"],
+        "activation_2of4_norm_heldout_loss_change_pct": norm["heldout_loss_change_pct"],
+        "activation_2of4_norm_heldout_loss_within_3pct": abs(norm["heldout_loss_change_pct"]) <= 3.0,
+    }
+
+
+def findings_text(found: dict[str, Any]) -> str:
+    """The findings as sentences, for the results file a reader opens first."""
+
+    def holds(key: str) -> str:
+        return "yes" if found[key] else "NO"
+
+    return "\n".join([
+        f"- activation 2:4 + norm has lower mean per-layer error than weight 2:4: {holds('activation_2of4_norm_beats_weight_2of4_layer_error')}",
+        f"- activation 2:4 + norm has lower end-to-end noise-prediction error than weight 2:4: {holds('activation_2of4_norm_beats_weight_2of4_eps_error')}",
+        f"- activation 2:4 + norm has lower held-out loss than weight 2:4: {holds('activation_2of4_norm_beats_weight_2of4_heldout_loss')}",
+        f"- norm compensation lowers the mean per-layer error of activation 2:4: {holds('norm_compensation_beats_naive_layer_error')}",
+        f"- norm compensation lowers the noise-prediction error of activation 2:4: {holds('norm_compensation_beats_naive_eps_error')}",
+        f"- held-out loss of activation 2:4 + norm vs dense: {found['activation_2of4_norm_heldout_loss_change_pct']:+.2f}% "
+        f"(within 3%: {holds('activation_2of4_norm_heldout_loss_within_3pct')})",
+    ])
+
+
+def sample_grid(output: dict[str, Any], path: Path, zoom: int = 6, columns: int = 20) -> None:
+    """Rows = variants (labelled), columns = the same seeds / labels for every row."""
+    from PIL import Image, ImageDraw
+
+    names = [name for name in (v.name for v in VARIANTS) if name in output["variants"]]
+    per_class = output["settings"]["samples_per_class"]
+    # Columns cycle through the classes 0..9 (a few seeds each) so a row reads as digits in order.
+    order = [c * per_class + k for k in range(per_class) for c in range(10)][:columns]
+    cell, gap, label_width = 8 * zoom, 2, 150
+    image = Image.new("L", (label_width + len(order) * (cell + gap), len(names) * (cell + gap) + gap), color=255)
+    draw = ImageDraw.Draw(image)
+    for row, name in enumerate(names):
+        top = gap + row * (cell + gap)
+        draw.text((4, top + cell // 2 - 5), name, fill=0)
+        samples = output["variants"][name]["samples"]
+        for col, index in enumerate(order):
+            # Dark ink on white, as the digits are usually shown (the data has ink = +1).
+            digit = ((1 - samples[index, 0].clamp(-1, 1)) * 127.5).round().byte().cpu().numpy()
+            tile = Image.fromarray(digit, mode="L").resize((cell, cell), Image.NEAREST)
+            image.paste(tile, (label_width + col * (cell + gap), top))
+    image.save(path)
+
+
+def json_ready(output: dict[str, Any]) -> dict[str, Any]:
+    strip = ("eps", "samples")
+    out = dict(output)
+    out["variants"] = {name: {k: v for k, v in m.items() if k not in strip} for name, m in output["variants"].items()}
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small settings (seconds on CPU)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--no-save", action="store_true", help="print the table only")
+    args = parser.parse_args()
+    if args.device == "cpu":
+        torch.set_num_threads(min(2, torch.get_num_threads()))
+    output = run(QUICK if args.quick else Settings(), args.device)
+    print(table(output))
+    found = findings(output)
+    print(findings_text(found))
+    if args.no_save:
+        return
+    device_name = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu"
+    payload = {
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "device_name": device_name,
+        "quick": args.quick,
+        "checkpoint": str(CHECKPOINT.relative_to(CHECKPOINT.parents[2])),
+        "findings": found,
+        "table": table(output),
+        **json_ready(output),
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    suffix = "-quick" if args.quick else ""
+    json_path = RESULTS / f"quality-{torch.device(args.device).type}{suffix}.json"
+    json_path.write_text(json.dumps(payload, indent=2) + "\n")
+    summary = (
+        f"# Quality of lynx variants on the digits DiT ({device_name}, {payload['date']})\n\n"
+        f"`python benchmarks/quality.py{' --quick' if args.quick else ''} --device {args.device}`, torch {torch.__version__}, "
+        f"settings `{json.dumps(output['settings'])}`, sparse layers: {', '.join(output['layers'])}.\n\n"
+        f"{payload['table']}\n\n## Findings\n\n{findings_text(found)}\n"
+    )
+    if output["single_layer_eps_error"]:
+        from tabulate import tabulate
+
+        rows = [[name, *(f"{e:.4f}" for e in errors.values())] for name, errors in output["single_layer_eps_error"].items()]
+        methods = list(next(iter(output["single_layer_eps_error"].values())))
+        summary += (
+            "\n## One layer at a time\n\nEnd-to-end eps error (mean over the sweep) with only that layer sparsified:\n\n"
+            + tabulate(rows, headers=["layer", *methods], tablefmt="github", disable_numparse=True) + "\n"
+        )
+    json_path.with_suffix(".md").write_text(summary)
+    grid_path = RESULTS / f"quality-samples{suffix}.png"
+    sample_grid(output, grid_path)
+    print(f"wrote {json_path} and {grid_path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,27 @@
+"""Quick GPU self-check of the lynx kernels (metadata nibble order, one GEMM per config), prints errors."""
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from lynx_compile import kernels, ops  # noqa: E402
+
+assert kernels.available(), kernels._lib_error
+torch.manual_seed(0)
+for dtype in (torch.bfloat16, torch.float16):
+    M, K, N = 300, 1152, 520
+    x = torch.randn(M, K, device="cuda", dtype=dtype)
+    w = (torch.randn(N, K, device="cuda") / K ** 0.5).to(dtype)
+    b = torch.randn(N, device="cuda", dtype=dtype)
+    kept, s = ops.sparsify_reference(x, 2, 4, True, ops.NORM_EPS)
+    ref = (kept.double() @ w.double().t()) * s.double() + b.double()
+    for swap in (0, 1):
+        v, e, sc = kernels.compress_2to4(x, True, _swap_nibbles=bool(swap))
+        for name, idx in kernels.gemm_configs().items():
+            if name.startswith("bf16" if dtype == torch.bfloat16 else "fp16") and not name.endswith("_c"):
+                y = kernels.sparse_mm_compressed(v, e, sc, w, b, config=(idx, 1, 0))
+                err = ((y.double() - ref).norm() / ref.norm()).item()
+                print(f"{dtype} swap={swap} {name}: rel err {err:.3e}", flush=True)
+    torch.cuda.synchronize()
+print("selfcheck done")

@@ -1,0 +1,126 @@
+// lynx: sm90 2:4-sparse GEMM (wgmma.sp via CUTLASS 3.x CollectiveBuilder, OpClassSparseTensorOp).
+//   D[M,N] = s[m] * (A~[M,K] . W[N,K]^T) + bias[n] (+ C[M,N])
+// A~ (the sparsified activation) is the sparse operand: compressed values (M x K/2, row-major) plus metadata E
+// in CUTLASS's sm90 layout (see sparsify.cu). W is the dense operand, row-major (N x K) = K-major.
+// Epilogue (EVT): per-row fp32 scale, per-column bias (nullptr -> 0), optional source C (the LoRA term).
+#pragma once
+#include <cuda_runtime.h>
+
+#include "cutlass/cutlass.h"
+#include "cute/tensor.hpp"
+#include "cutlass/numeric_types.h"
+#include "cutlass/gemm/device/gemm_universal_adapter.h"
+#include "cutlass/gemm/kernel/gemm_universal.hpp"
+#include "cutlass/gemm/collective/collective_builder.hpp"
+#include "cutlass/epilogue/collective/collective_builder.hpp"
+#include "cutlass/epilogue/fusion/operations.hpp"
+#include "cutlass/epilogue/fusion/sm90_callbacks_tma_warpspecialized.hpp"
+#include "cutlass/util/packed_stride.hpp"
+
+#include "lynx_gemm_api.h"
+
+namespace lynx {
+
+using namespace cute;
+
+template <class Element, class TileShape, class ClusterShape, class KernelSchedule, class EpilogueSchedule, bool kHasC,
+          class TileScheduler = void>
+struct SparseGemm {
+  using ElementA = Element;
+  using ElementB = Element;
+  using ElementD = Element;
+  using ElementC = cute::conditional_t<kHasC, Element, void>;
+  using ElementAcc = float;
+  using ElementCompute = float;
+  using LayoutA = cutlass::layout::RowMajor;
+  using LayoutB = cutlass::layout::ColumnMajor;  // (K x N) column-major == W (N x K) row-major
+  using LayoutD = cutlass::layout::RowMajor;
+  static constexpr int kAlign = 8;
+  static constexpr auto RN = cutlass::FloatRoundStyle::round_to_nearest;
+
+  using ScaleCol = cutlass::epilogue::fusion::Sm90ColBroadcast<0, TileShape, float, float, Stride<_1, _0, int64_t>, 1>;
+  using BiasRow = cutlass::epilogue::fusion::Sm90RowBroadcast<0, TileShape, Element, float, Stride<_0, _1, int64_t>, kAlign>;
+  using Inner = cutlass::epilogue::fusion::Sm90EVT<
+      cutlass::epilogue::fusion::Sm90Compute<cutlass::homogeneous_multiply_add,
+                                             cute::conditional_t<kHasC, float, ElementD>, ElementCompute, RN>,
+      ScaleCol, cutlass::epilogue::fusion::Sm90AccFetch, BiasRow>;
+  using EVT = cute::conditional_t<kHasC,
+      cutlass::epilogue::fusion::Sm90EVT<
+          cutlass::epilogue::fusion::Sm90Compute<cutlass::plus, ElementD, ElementCompute, RN>,
+          Inner, cutlass::epilogue::fusion::Sm90SrcFetch<Element>>,
+      Inner>;
+
+  using CollectiveEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassSparseTensorOp, TileShape, ClusterShape,
+      cutlass::epilogue::collective::EpilogueTileAuto, ElementAcc, ElementCompute,
+      ElementC, LayoutD, kAlign, ElementD, LayoutD, kAlign, EpilogueSchedule, EVT>::CollectiveOp;
+
+  using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassSparseTensorOp, ElementA, LayoutA, kAlign, ElementB, LayoutB, kAlign,
+      ElementAcc, TileShape, ClusterShape,
+      cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(sizeof(typename CollectiveEpilogue::SharedStorage))>,
+      KernelSchedule>::CollectiveOp;
+
+  using Kernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, CollectiveMainloop, CollectiveEpilogue,
+                                                      TileScheduler>;
+  using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
+  using SparseConfig = typename CollectiveMainloop::SparseConfig;
+  using StrideB = typename Kernel::StrideB;
+  using StrideC = typename Kernel::StrideC;
+  using StrideD = typename Kernel::StrideD;
+
+  static typename Gemm::Arguments make_args(const LynxGemmParams& p) {
+    auto problem = make_tuple(p.M, p.N, p.K, 1);
+    auto layout_a = SparseConfig::fill_layoutA(problem);
+    auto layout_e = SparseConfig::fill_layoutE(problem);
+    auto stride_b = cutlass::make_cute_packed_stride(StrideB{}, make_shape(p.N, p.K, 1));
+    auto stride_c = cutlass::make_cute_packed_stride(StrideC{}, make_shape(p.M, p.N, 1));
+    auto stride_d = cutlass::make_cute_packed_stride(StrideD{}, make_shape(p.M, p.N, 1));
+    typename Gemm::Arguments args;
+    args.mode = cutlass::gemm::GemmUniversalMode::kGemm;
+    args.problem_shape = problem;
+    args.mainloop = {static_cast<const ElementA*>(p.a_comp), layout_a, static_cast<const ElementB*>(p.w), stride_b,
+                     static_cast<const typename CollectiveMainloop::ElementE*>(p.e), layout_e};
+    typename ScaleCol::Arguments scale_args{p.scale, 1.0f, {}};
+    typename BiasRow::Arguments bias_args{static_cast<const Element*>(p.bias), Element(0), {}};
+    typename Inner::Arguments inner{scale_args, {}, bias_args, {}};
+    if constexpr (kHasC) {
+      args.epilogue.thread = {inner, {}, {}};
+      args.epilogue.ptr_C = static_cast<const Element*>(p.c);
+    } else {
+      args.epilogue.thread = inner;
+      args.epilogue.ptr_C = nullptr;
+    }
+    args.epilogue.dC = stride_c;
+    args.epilogue.ptr_D = static_cast<ElementD*>(p.d);
+    args.epilogue.dD = stride_d;
+    args.hw_info.device_id = p.device_id;
+    args.hw_info.sm_count = p.sm_count;
+    args.scheduler.max_swizzle_size = p.swizzle;
+    using Raster = cutlass::gemm::kernel::detail::RasterOrderOptions;
+    args.scheduler.raster_order = p.raster == 1 ? Raster::AlongM : (p.raster == 2 ? Raster::AlongN : Raster::Heuristic);
+    return args;
+  }
+
+  static int run(const LynxGemmParams& p, cudaStream_t stream) {
+    auto args = make_args(p);
+    Gemm gemm;
+    if (gemm.can_implement(args) != cutlass::Status::kSuccess) return LYNX_ERR_CANNOT_IMPLEMENT;
+    size_t ws = Gemm::get_workspace_size(args);
+    if (ws > p.workspace_bytes) return LYNX_ERR_WORKSPACE;
+    if (gemm.initialize(args, p.workspace, stream) != cutlass::Status::kSuccess) return LYNX_ERR_INIT;
+    if (gemm.run(stream, nullptr, p.pdl != 0) != cutlass::Status::kSuccess) return LYNX_ERR_RUN;
+    cudaError_t err = cudaGetLastError();
+    return err == cudaSuccess ? 0 : LYNX_ERR_CUDA_BASE - static_cast<int>(err);
+  }
+
+  static size_t workspace(const LynxGemmParams& p) { return Gemm::get_workspace_size(make_args(p)); }
+};
+
+}  // namespace lynx
+
+// One translation unit per configuration: defines lynx_gemm_<NAME>_run / _ws.
+#define LYNX_DEFINE_GEMM(NAME, ...)                                                               \
+  using NAME##_t = lynx::SparseGemm<__VA_ARGS__>;                                                 \
+  int lynx_gemm_##NAME##_run(const LynxGemmParams& p, cudaStream_t s) { return NAME##_t::run(p, s); } \
+  size_t lynx_gemm_##NAME##_ws(const LynxGemmParams& p) { return NAME##_t::workspace(p); }

@@ -1,0 +1,208 @@
+// lynx: online 2:4 activation sparsification for the sm90 sparse GEMM.
+//
+// One read of X (M x K, row-major, bf16/fp16) produces (32..256 threads per token row, by K)
+//   * the compressed values A_c (M x K/2, row-major): the two kept entries of each group of 4, in index order;
+//   * the metadata E in the exact layout the CUTLASS sm90 sparse mainloop (TileK = 128) loads with TMA;
+//   * the per-token norm-compensation scale s = sqrt(||x||^2 / (||x~||^2 + eps)) in fp32 (1 without compensation).
+//
+// Selection: top-2 |x| of each group of 4; ties go to the lower index; -0 and +0 tie; NaN ranks above
+// everything (all NaNs tie), then +-inf. Done on the magnitude bits, which order like the magnitudes.
+//
+// E layout (logical units, 8 logical elements per metadata byte; checked against cute's
+// Sm90GemmSparseConfig::fill_layoutE on the host): atoms of 64 (m) x 128 (k), atoms along m first
+// (stride 8192), then along k (stride M_padE * 128). Inside an atom, with m = m0 + 8 m1 + 16 m2 and
+// k = k0 + 16 k1 + 32 k2: offset = k0 + 16 m1 + 32 k2 + 128 m0 + 1024 k1 + 2048 m2.
+// Each group's 4-bit code is idx0 | idx1 << 2 (idx0 < idx1); the lower group of a byte sits in its low nibble.
+// Padding (rows M..M_padE, columns K..K_padE) gets the valid code 0x4 (entries 0 and 1).
+#include <cuda_runtime.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+namespace {
+
+constexpr int kBlockThreads = 256;
+constexpr int kUnroll = 4;         // 16-element units per lane in flight
+
+template <bool kBF16>
+__device__ __forceinline__ float to_float(uint32_t bits) {
+  if constexpr (kBF16) {
+    return __uint_as_float(bits << 16);
+  } else {
+    return __half2float(__ushort_as_half(static_cast<unsigned short>(bits)));
+  }
+}
+
+template <bool kBF16>
+__device__ __forceinline__ uint32_t rank_key(uint32_t bits) {
+  // |x| bits; every NaN maps to one key just above inf.
+  return min(bits & 0x7fffu, kBF16 ? 0x7f81u : 0x7c01u);
+}
+
+// One group of 4 values packed in a uint64 (value i in bits 16i..16i+15).
+// Returns the two kept values packed in a uint32 and the 4-bit code; adds the squares.
+template <bool kBF16>
+__device__ __forceinline__ uint32_t select_group(uint64_t g, uint32_t& code, float& dense_sq, float& kept_sq) {
+  const uint32_t v0 = uint32_t(g) & 0xffffu, v1 = uint32_t(g >> 16) & 0xffffu;
+  const uint32_t v2 = uint32_t(g >> 32) & 0xffffu, v3 = uint32_t(g >> 48) & 0xffffu;
+  const uint32_t k0 = rank_key<kBF16>(v0), k1 = rank_key<kBF16>(v1);
+  const uint32_t k2 = rank_key<kBF16>(v2), k3 = rank_key<kBF16>(v3);
+  // cij: i outranks j (i < j, so ties go to i).
+  const uint32_t c01 = k0 >= k1, c02 = k0 >= k2, c03 = k0 >= k3;
+  const uint32_t c12 = k1 >= k2, c13 = k1 >= k3, c23 = k2 >= k3;
+  const uint32_t r0 = 3u - c01 - c02 - c03;
+  const uint32_t r1 = c01 + 2u - c12 - c13;
+  const uint32_t r2 = c02 + c12 + 1u - c23;
+  const uint32_t r3 = c03 + c13 + c23;
+  const uint32_t mask = (r0 < 2u) | ((r1 < 2u) << 1) | ((r2 < 2u) << 2) | ((r3 < 2u) << 3);
+  const uint32_t i0 = __ffs(mask) - 1;
+  const uint32_t i1 = 31 - __clz(mask);
+  code = i0 | (i1 << 2);
+  const uint32_t a = uint32_t(g >> (16 * i0)) & 0xffffu;
+  const uint32_t b = uint32_t(g >> (16 * i1)) & 0xffffu;
+  const float f0 = to_float<kBF16>(v0), f1 = to_float<kBF16>(v1), f2 = to_float<kBF16>(v2), f3 = to_float<kBF16>(v3);
+  dense_sq += f0 * f0 + f1 * f1 + f2 * f2 + f3 * f3;
+  const float fa = to_float<kBF16>(a), fb = to_float<kBF16>(b);
+  kept_sq += fa * fa + fb * fb;
+  return a | (b << 16);
+}
+
+__device__ __forceinline__ int64_t e_byte_offset(int m, int k, int64_t m_pad) {
+  // k is a multiple of 16 (k0 = 0).
+  const int am = m >> 6, mi = m & 63, ak = k >> 7, ki = k & 127;
+  const int64_t off = int64_t(am) * 8192 + int64_t(ak) * m_pad * 128 + ((mi >> 3) & 1) * 16 + (ki >> 5) * 32 +
+                      (mi & 7) * 128 + ((ki >> 4) & 1) * 1024 + (mi >> 4) * 2048;
+  return off >> 3;
+}
+
+__device__ __forceinline__ uint4 ldg_stream(const uint4* p) {
+  uint4 r;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+               : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
+  return r;
+}
+
+template <bool kBF16, int kRowThreads>
+__global__ void __launch_bounds__(kBlockThreads, 4)
+sparsify_2to4_kernel(const uint16_t* __restrict__ x, int64_t ldx, int M, int K, int m_pad, int k_pad,
+                     uint16_t* __restrict__ a_comp, uint8_t* __restrict__ e, float* __restrict__ scale,
+                     int norm, float eps, int swap_nibbles) {
+  // Let a PDL-launched GEMM start its prologue now; it waits (griddepcontrol.wait) for our completion.
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+  constexpr int kRowsPerBlock = kBlockThreads / kRowThreads;
+  constexpr int kWarpsPerRow = kRowThreads / 32;
+  const int t = threadIdx.x % kRowThreads;
+  const int row = blockIdx.x * kRowsPerBlock + threadIdx.x / kRowThreads;
+  const bool in_pad = row < m_pad;
+  const int units = K >> 4, units_pad = k_pad >> 4;
+  const bool live = row < M;
+  const uint16_t* xr = x + int64_t(row) * ldx;
+  uint16_t* ar = a_comp + int64_t(row) * (K >> 1);
+  float dense_sq = 0.f, kept_sq = 0.f;
+  if (in_pad) {
+    for (int base = 0; base < units_pad; base += kRowThreads * kUnroll) {
+      uint4 in[kUnroll][2];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int unit = base + u * kRowThreads + t;
+        if (live && unit < units) {
+          const uint4* p = reinterpret_cast<const uint4*>(xr + unit * 16);
+          in[u][0] = ldg_stream(p);
+          in[u][1] = ldg_stream(p + 1);
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int unit = base + u * kRowThreads + t;
+        if (unit >= units_pad) break;
+        uint32_t meta = 0x4444u;
+        if (live && unit < units) {
+          const uint64_t g[4] = {
+              uint64_t(in[u][0].x) | (uint64_t(in[u][0].y) << 32), uint64_t(in[u][0].z) | (uint64_t(in[u][0].w) << 32),
+              uint64_t(in[u][1].x) | (uint64_t(in[u][1].y) << 32), uint64_t(in[u][1].z) | (uint64_t(in[u][1].w) << 32)};
+          uint4 outv;
+          uint32_t c0, c1, c2, c3;
+          outv.x = select_group<kBF16>(g[0], c0, dense_sq, kept_sq);
+          outv.y = select_group<kBF16>(g[1], c1, dense_sq, kept_sq);
+          outv.z = select_group<kBF16>(g[2], c2, dense_sq, kept_sq);
+          outv.w = select_group<kBF16>(g[3], c3, dense_sq, kept_sq);
+          meta = swap_nibbles ? (c1 | (c0 << 4) | (c3 << 8) | (c2 << 12)) : (c0 | (c1 << 4) | (c2 << 8) | (c3 << 12));
+          *reinterpret_cast<uint4*>(ar + unit * 8) = outv;
+        }
+        *reinterpret_cast<uint16_t*>(e + e_byte_offset(row, unit * 16, m_pad)) = static_cast<uint16_t>(meta);
+      }
+    }
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    dense_sq += __shfl_xor_sync(0xffffffffu, dense_sq, o);
+    kept_sq += __shfl_xor_sync(0xffffffffu, kept_sq, o);
+  }
+  if constexpr (kWarpsPerRow > 1) {
+    __shared__ float red[2][kBlockThreads / 32];
+    const int warp = threadIdx.x >> 5;
+    if ((threadIdx.x & 31) == 0) {
+      red[0][warp] = dense_sq;
+      red[1][warp] = kept_sq;
+    }
+    __syncthreads();
+    if (t == 0) {
+      dense_sq = 0.f;
+      kept_sq = 0.f;
+#pragma unroll
+      for (int i = 0; i < kWarpsPerRow; ++i) {
+        dense_sq += red[0][warp + i];
+        kept_sq += red[1][warp + i];
+      }
+    }
+  }
+  if (live && t == 0 && scale != nullptr) scale[row] = norm ? sqrtf(dense_sq / (kept_sq + eps)) : 1.0f;
+}
+
+template <bool kBF16, int kRowThreads>
+void launch_sparsify(const void* x, long long ldx, int M, int K, int m_pad, int k_pad, void* a_comp, void* e,
+                     float* scale, int norm, float eps, int swap_nibbles, cudaStream_t stream) {
+  constexpr int kRowsPerBlock = kBlockThreads / kRowThreads;
+  const dim3 grid((m_pad + kRowsPerBlock - 1) / kRowsPerBlock);
+  sparsify_2to4_kernel<kBF16, kRowThreads><<<grid, kBlockThreads, 0, stream>>>(
+      static_cast<const uint16_t*>(x), ldx, M, K, m_pad, k_pad, static_cast<uint16_t*>(a_comp),
+      static_cast<uint8_t*>(e), scale, norm, eps, swap_nibbles);
+}
+
+template <bool kBF16>
+void dispatch_sparsify(const void* x, long long ldx, int M, int K, int m_pad, int k_pad, void* a_comp, void* e,
+                       float* scale, int norm, float eps, int swap_nibbles, cudaStream_t stream) {
+  // Threads per token row: enough that each thread has at most kUnroll units (one round of loads), so
+  // long rows are split over more threads and the grid has many short blocks (no half-empty last wave).
+  const int need = (k_pad / 16 + kUnroll - 1) / kUnroll;
+  if (need <= 32) {
+    launch_sparsify<kBF16, 32>(x, ldx, M, K, m_pad, k_pad, a_comp, e, scale, norm, eps, swap_nibbles, stream);
+  } else if (need <= 64) {
+    launch_sparsify<kBF16, 64>(x, ldx, M, K, m_pad, k_pad, a_comp, e, scale, norm, eps, swap_nibbles, stream);
+  } else if (need <= 128) {
+    launch_sparsify<kBF16, 128>(x, ldx, M, K, m_pad, k_pad, a_comp, e, scale, norm, eps, swap_nibbles, stream);
+  } else {
+    launch_sparsify<kBF16, 256>(x, ldx, M, K, m_pad, k_pad, a_comp, e, scale, norm, eps, swap_nibbles, stream);
+  }
+}
+
+}  // namespace
+
+extern "C" int lynx_sparsify_2to4(int is_bf16, const void* x, long long ldx, int M, int K, void* a_comp, void* e,
+                                  float* scale, int norm, float eps, int swap_nibbles, cudaStream_t stream) {
+  if (M < 0 || K <= 0 || (K % 16) != 0 || (ldx % 8) != 0) return -1;
+  const int m_pad = (M + 63) / 64 * 64;
+  const int k_pad = (K + 127) / 128 * 128;
+  if (m_pad == 0) return 0;
+  if (is_bf16) {
+    dispatch_sparsify<true>(x, ldx, M, K, m_pad, k_pad, a_comp, e, scale, norm, eps, swap_nibbles, stream);
+  } else {
+    dispatch_sparsify<false>(x, ldx, M, K, m_pad, k_pad, a_comp, e, scale, norm, eps, swap_nibbles, stream);
+  }
+  return static_cast<int>(cudaGetLastError());
+}
+
+extern "C" long long lynx_metadata_bytes(int M, int K) {
+  const long long m_pad = (M + 63) / 64 * 64;
+  const long long k_pad = (K + 127) / 128 * 128;
+  return m_pad * k_pad / 8;
+}
