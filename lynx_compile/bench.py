@@ -12,6 +12,7 @@ import argparse
 import datetime
 import json
 import platform
+import re
 import statistics
 import sys
 import time
@@ -35,7 +36,7 @@ from .workloads import (
     load_workload,
 )
 
-BACKENDS = ("eager", "inductor", "inductor-max-autotune", "lynx-none", "lynx-norm", "lynx-lora", "lynx-norm-reduce-overhead", "torchao-24-weight")
+BACKENDS = ("eager", "inductor", "inductor-reduce-overhead", "inductor-max-autotune", "lynx-none", "lynx-norm", "lynx-lora", "lynx-norm-reduce-overhead", "torchao-24-weight")
 DEFAULT_BACKENDS = ("eager", "inductor", "lynx-norm")
 _LINEAR_KERNELS = ("addmm", "aten::mm", "linear", "lynx::", "gemm", "cutlass", "sm90")
 
@@ -107,6 +108,8 @@ def _compiler(backend: str, config: LynxConfig, workload: Workload) -> tuple[Cal
         return model, None
     if backend == "inductor":
         return torch.compile(model), None
+    if backend == "inductor-reduce-overhead":
+        return torch.compile(model, mode="reduce-overhead"), None
     if backend == "inductor-max-autotune":
         return torch.compile(model, mode="max-autotune-no-cudagraphs"), None
     if backend == "torchao-24-weight":
@@ -139,7 +142,7 @@ def run_backend(name: str, workload: Workload, reference: torch.Tensor | None, c
         with torch.no_grad():
             fn, lynx = _compiler(name, config, workload)
             t0 = time.perf_counter()
-            out = workload(fn)
+            out = workload(fn).clone()  # CUDA-graph backends overwrite their outputs on the next run
             _sync(device)
             row.compile_s = time.perf_counter() - t0
             row.latency_ms = _median_ms(lambda: workload(fn), device, args.warmup, args.repeat)
@@ -267,9 +270,11 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_save:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        stem = f"bench-{workload.name.replace(':', '_')}-{'quick-' if args.quick else ''}{device.type}"
+        env = environment(device)
+        where = re.sub(r"[^a-z0-9]+", "-", env["device"].lower()).strip("-") if device.type == "cuda" else "cpu"
+        stem = f"bench-{workload.name.replace(':', '_')}-{'quick-' if args.quick else ''}{where}"
         payload = {"model": workload.name, "shape": workload.shape, "dtype": args.dtype, "quick": args.quick,
-                   "config": repr(config), **environment(device), "rows": [asdict(r) for r in rows]}
+                   "config": repr(config), **env, "rows": [asdict(r) for r in rows]}
         (out / f"{stem}.json").write_text(json.dumps(payload, indent=2))
         charted = bar_chart(rows, out / f"{stem}.png", f"{workload.name} ({workload.shape}) on {payload['device']}")
         print(f"wrote {out / (stem + '.json')}" + (f" and {stem}.png" if charted else ""), file=sys.stderr)

@@ -469,12 +469,22 @@ def sparse_mm_compressed(values: Tensor, meta: Tensor, scale: Tensor | None, wei
     return out
 
 
+_runtime_reasons: dict[tuple, str | None] = {}
+
+
 def _runtime_reason(x: Tensor, weight: Tensor, n: int, m: int) -> str | None:
-    if x.device.type != "cuda" or weight.device != x.device:
-        return "not on one CUDA device"
-    if x.dtype != weight.dtype:
-        return "dtype mismatch"
-    return unsupported_reason(x.device, x.dtype, x.shape[-1], weight.shape[0], n, m)
+    # Cached per layer signature: this runs on every call, and host time is what a DiT forward
+    # of ~100 small sparse GEMMs is short of.
+    key = (x.device, weight.device, x.dtype, weight.dtype, x.shape[-1], weight.shape[0], n, m)
+    if key not in _runtime_reasons:
+        if x.device.type != "cuda" or weight.device != x.device:
+            reason = "not on one CUDA device"
+        elif x.dtype != weight.dtype:
+            reason = "dtype mismatch"
+        else:
+            reason = unsupported_reason(x.device, x.dtype, x.shape[-1], weight.shape[0], n, m)
+        _runtime_reasons[key] = reason
+    return _runtime_reasons[key]
 
 
 _warned: set[str] = set()
@@ -497,12 +507,16 @@ def sparse_linear_cuda(x: Tensor, weight: Tensor, bias: Tensor | None, n: int, m
     out = torch.empty((M, N), dtype=x.dtype, device=x.device)
     if M == 0:
         return out.reshape(*lead, N)
-    with torch.cuda.device(x.device):  # the library launches on the calling thread's current device
+    c = None
+    if lora_down is not None and lora_up is not None:
+        c = (x2 @ lora_down.to(x.dtype).t()) @ lora_up.to(x.dtype).t()
+    if x.device.index == torch.cuda.current_device():
         values, meta, scale = compress_2to4(x2, norm_compensation, eps)
-        c = None
-        if lora_down is not None and lora_up is not None:
-            c = (x2 @ lora_down.to(x.dtype).t()) @ lora_up.to(x.dtype).t()
         sparse_mm_compressed(values, meta, scale, weight, bias, c, out=out)
+    else:
+        with torch.cuda.device(x.device):  # the library launches on the calling thread's current device
+            values, meta, scale = compress_2to4(x2, norm_compensation, eps)
+            sparse_mm_compressed(values, meta, scale, weight, bias, c, out=out)
     return out.reshape(*lead, N)
 
 

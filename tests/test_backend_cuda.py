@@ -46,20 +46,27 @@ def test_reduce_overhead_replays_cuda_graphs_with_the_same_result(dit):
         default = torch.compile(dit, backend="lynx")(*inputs).clone()
         torch._dynamo.reset()
         graphed = torch.compile(dit, backend="lynx", mode="reduce-overhead")
-        for _ in range(3):  # warm-up, record, replay
-            out = graphed(*inputs)
-    torch.testing.assert_close(out, default, rtol=0, atol=0)
+        runs = [graphed(*inputs).clone() for _ in range(4)]  # warm-up, record, replays
+    # Replays repeat the recorded kernels bit for bit; against the separately compiled default
+    # mode (its own Inductor kernel choices upstream) they agree to bf16 precision.
+    torch.testing.assert_close(runs[-1], runs[-2], rtol=0, atol=0)
+    assert relative_error(runs[-1], default) < 2e-2
+
+
+def _memory_kept_by_compiling(model, backend):
+    torch._dynamo.reset()
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    with torch.no_grad():
+        torch.compile(model, backend=backend)(*example_inputs(model, batch=2, dtype=torch.bfloat16, device="cuda"))
+    torch.cuda.synchronize()
+    return torch.cuda.memory_allocated() - before
 
 
 def test_prepared_weights_do_not_duplicate_the_model_on_the_gpu(dit):
-    torch._dynamo.reset()
-    torch.cuda.synchronize()
     weights = sum(p.numel() * p.element_size() for p in dit.parameters())
-    before = torch.cuda.memory_allocated()
-    inputs = example_inputs(dit, batch=2, dtype=torch.bfloat16, device="cuda")
-    with torch.no_grad():
-        compiled = torch.compile(dit, backend="lynx")
-        compiled(*inputs)
-    del inputs
-    torch.cuda.synchronize()
-    assert torch.cuda.memory_allocated() - before < 0.25 * weights
+    inductor = _memory_kept_by_compiling(dit, "inductor")
+    lynx = _memory_kept_by_compiling(dit, "lynx")
+    # Whatever Inductor keeps (its own buffers) lynx may keep too, plus kernel workspace: far
+    # below the one extra copy of the weights that a prepared/folded weight would cost.
+    assert lynx - inductor < 0.1 * weights
