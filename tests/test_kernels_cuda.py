@@ -248,3 +248,43 @@ def test_opcheck(K, dtype):
     down = (torch.randn(8, 256, device="cuda") / 16).to(dtype)
     up = (torch.randn(128, 8, device="cuda") / 3).to(dtype)
     torch.library.opcheck(torch.ops.lynx.sparse_linear.default, (x, w, None, 2, 4, False, 1e-12, down, up))
+
+
+SPECIAL_VALUES = [0.0, -0.0, 1.0, -1.0, 1e-40, float("inf"), float("-inf"), float("nan"), 2.0, -2.0]
+
+
+def test_fuzz_selection_and_output_against_the_reference(K):
+    """hypothesis: random shapes and values incl. ties, ±0, subnormals, inf and NaN."""
+    hypothesis = pytest.importorskip("hypothesis")
+    st = hypothesis.strategies
+
+    @hypothesis.settings(max_examples=60, deadline=None)
+    @hypothesis.given(
+        rows=st.integers(0, 300),
+        k_tiles=st.integers(1, 6),
+        dtype=st.sampled_from(DTYPES),
+        specials=st.integers(0, 40),
+        seed=st.integers(0, 2**31 - 1),
+    )
+    def check(rows, k_tiles, dtype, specials, seed):
+        gen = torch.Generator().manual_seed(seed)
+        kf = 64 * k_tiles
+        x = torch.randn(rows, kf, generator=gen)
+        x = torch.where(torch.rand(rows, kf, generator=gen) < 0.2, x.round(), x)  # ties
+        if rows and specials:
+            idx = torch.randint(0, rows * kf, (specials,), generator=gen)
+            vals = torch.tensor(SPECIAL_VALUES)[torch.randint(0, len(SPECIAL_VALUES), (specials,), generator=gen)]
+            x.view(-1)[idx] = vals
+        x = x.to(dtype).cuda()
+        values, meta, scale = K.compress_2to4(x)
+        if rows:
+            assert torch.equal(decode(values, meta, rows, kf) != 0, ops.keep_mask(x, 2, 4) & (x != 0))
+        w = torch.randn(48, kf, generator=gen).to(dtype).cuda()
+        out = torch.ops.lynx.sparse_linear(x, w, None, 2, 4, True)
+        expected = reference64(x, w, None, True)
+        finite = torch.isfinite(x.float()).all(-1)
+        assert torch.equal(torch.isfinite(out.float()).all(-1)[~finite], torch.zeros_like(finite[~finite]))
+        if finite.any():
+            assert rel_err(out[finite], expected[finite]) < REL_TOL[dtype]
+
+    check()
