@@ -16,11 +16,8 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import logging
-import os
 import platform
-import re
 import sys
 import time
 from dataclasses import replace
@@ -32,13 +29,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import lynx_compile  # noqa: E402
 from lynx_compile import LynxConfig  # noqa: E402
+from lynx_compile.results import slug, write_json  # noqa: E402
 from lynx_compile.models import build, example_inputs  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def slug(name: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
 def synchronize(device: torch.device) -> None:
@@ -141,11 +135,7 @@ def main() -> None:
         "layers": [layer.metadata() for layer in comp.layers.values()],
     }
     out = Path(args.out) if args.out else Path(__file__).resolve().parent / "results" / f"calibrate-{slug(device_name)}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
-    print(f"wrote {out}")
-    if os.environ.get("OUT"):
-        Path(os.environ["OUT"], out.name).write_text(json.dumps(result, indent=1))
+    print(f"wrote {write_json(result, out)}")
 
 
 if __name__ == "__main__":

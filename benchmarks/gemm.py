@@ -12,10 +12,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import math
-import os
-import re
 import sys
 from pathlib import Path
 
@@ -25,6 +22,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lynx_compile import kernels, ops  # noqa: E402
+from lynx_compile.results import slug, write_json  # noqa: E402
 
 SHAPES = [  # (M, K, N)
     (4096, 1152, 3456), (4096, 1152, 1152), (4096, 1152, 4608), (4096, 4608, 1152),
@@ -144,10 +142,6 @@ def run_shape(M, K, N, dtype, tune: bool) -> dict:
     return row
 
 
-def slug(name: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("shapes", nargs="*", help="extra shapes MxKxN")
@@ -214,11 +208,7 @@ def main() -> None:
     }
     suffix = "" if args.dtype == "bf16" else f"-{args.dtype}"
     out = Path(args.out) if args.out else Path(__file__).resolve().parent / "results" / f"gemm-{slug(gpu)}{suffix}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
-    print(f"wrote {out}")
-    if os.environ.get("OUT"):
-        Path(os.environ["OUT"], out.name).write_text(json.dumps(result, indent=1))
+    print(f"wrote {write_json(result, out)}")
 
 
 if __name__ == "__main__":

@@ -9,10 +9,6 @@ a full sampling loop. A backend that fails shows as a failed row; the run goes o
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import platform
-import re
 import statistics
 import sys
 import time
@@ -26,6 +22,7 @@ from tabulate import tabulate
 
 from .backend import LynxBackend
 from .config import LynxConfig
+from .results import device_slug, environment, write_json
 from .workloads import (
     Workload,
     WorkloadError,
@@ -203,16 +200,6 @@ def table(rows: list[Row]) -> str:
     return tabulate(out, headers=headers)
 
 
-def environment(device: torch.device) -> dict:
-    return {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "cuda": torch.version.cuda,
-    }
-
-
 def bar_chart(rows: list[Row], path: Path, title: str) -> bool:
     try:
         import matplotlib
@@ -271,11 +258,10 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         env = environment(device)
-        where = re.sub(r"[^a-z0-9]+", "-", env["device"].lower()).strip("-") if device.type == "cuda" else "cpu"
-        stem = f"bench-{workload.name.replace(':', '_')}-{'quick-' if args.quick else ''}{where}"
+        stem = f"bench-{workload.name.replace(':', '_')}-{'quick-' if args.quick else ''}{device_slug(device)}"
         payload = {"model": workload.name, "shape": workload.shape, "dtype": args.dtype, "quick": args.quick,
                    "config": repr(config), **env, "rows": [asdict(r) for r in rows]}
-        (out / f"{stem}.json").write_text(json.dumps(payload, indent=2))
+        write_json(payload, out / f"{stem}.json")
         charted = bar_chart(rows, out / f"{stem}.png", f"{workload.name} ({workload.shape}) on {payload['device']}")
         print(f"wrote {out / (stem + '.json')}" + (f" and {stem}.png" if charted else ""), file=sys.stderr)
     return 0 if all(r.status == "ok" for r in rows) else 1

@@ -10,13 +10,11 @@ with the lynx ops highlighted. The same graph dumps come out of any ``torch.comp
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-import torch
 import torch.fx as fx
 from tabulate import tabulate
 

@@ -5,7 +5,6 @@ import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
 from conftest import masked_reference, relative_error
 
 import lynx_compile
