@@ -101,11 +101,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def recompiles_on_batch_change(workload: Workload, config) -> int | None:
     """Graphs compiled beyond the first when a ``dynamic=True`` compile sees a second batch size."""
-    if workload.inputs_for_batch is None:
+    if workload.make_inputs is None:
         return None
     recorder = LynxBackend(config, inductor=False)
     for batch in (workload.batch + 1, workload.batch + 2):
-        args, kwargs = workload.inputs_for_batch(batch)
+        args, kwargs = workload.make_inputs(batch)
         trace(workload.model, args, kwargs, recorder, dynamic=True)
     return recorder.report.graphs - 1
 

@@ -50,8 +50,9 @@ class Workload:
     shape: str = ""
     """Human-readable input shape summary for tables."""
     batch: int = 1
-    inputs_for_batch: Callable[[int], tuple[tuple, dict]] | None = None
-    """Fresh ``(args, kwargs)`` with another batch size, where the input recipe is known."""
+    make_inputs: Callable[..., tuple[tuple, dict]] | None = None
+    """``make_inputs(batch, resolution=None, text_tokens=None)``: fresh ``(args, kwargs)`` at
+    other shapes (resolution in pixels), where the input recipe is known."""
 
     def __call__(self, model: Callable | None = None) -> Any:
         return (self.model if model is None else model)(*self.args, **self.kwargs)
@@ -80,20 +81,22 @@ def builtin_workload(name, batch=None, resolution=None, text_tokens=None, dtype=
         overrides.setdefault("input_size", resolution // 8)
     with torch.device(device):
         model = models.build(name, **overrides).to(dtype).eval()
-    def inputs_for_batch(n: int) -> tuple[tuple, dict]:
+    def make_inputs(n: int, resolution: int | None = resolution, text_tokens: int | None = text_tokens) -> tuple[tuple, dict]:
         args = models.example_inputs(model, batch=n, resolution=resolution, text_tokens=text_tokens, dtype=dtype, device=device)
         return args, {}
 
     batch = _cfg_batch(batch, cfg)
     shape = f"{resolution}px, batch {batch // 2 if cfg else batch}{' x2 (CFG)' if cfg else ''}"
-    return Workload(name, model, inputs_for_batch(batch)[0], {}, shape, batch, inputs_for_batch)
+    return Workload(name, model, make_inputs(batch)[0], {}, shape, batch, make_inputs)
 
 
-def _diffusers_inputs(cls_name: str, config: dict, batch: int, text_tokens: int, dtype, device, gen) -> dict:
+def _diffusers_inputs(cls_name: str, config: dict, batch: int, resolution: int | None, text_tokens: int, dtype, device,
+                      gen) -> dict:
+    """Forward kwargs of a diffusers transformer; ``resolution`` in pixels (default: the config's)."""
     def randn(*shape):
         return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
 
-    sample = config.get("sample_size", 32)
+    sample = resolution // 8 if resolution else config.get("sample_size", 32)  # VAE factor 8
     channels = config.get("in_channels", 4)
     timestep = torch.randint(0, 1000, (batch,), generator=gen).to(device)
     if cls_name == "DiTTransformer2DModel":
@@ -108,7 +111,7 @@ def _diffusers_inputs(cls_name: str, config: dict, batch: int, text_tokens: int,
                     encoder_hidden_states=randn(batch, text_tokens, config.get("joint_attention_dim", 4096)),
                     pooled_projections=randn(batch, config.get("pooled_projection_dim", 2048)))
     if cls_name == "FluxTransformer2DModel":
-        side = config.get("sample_size", 32)  # packed-latent grid side: 32 x 32 = 512 px
+        side = resolution // 16 if resolution else config.get("sample_size", 32)  # 2x2-packed latents
         kwargs = dict(hidden_states=randn(batch, side * side, channels), timestep=torch.rand(batch, generator=gen).to(device),
                       encoder_hidden_states=randn(batch, text_tokens, config.get("joint_attention_dim", 4096)),
                       pooled_projections=randn(batch, config.get("pooled_projection_dim", 768)),
@@ -150,11 +153,11 @@ def diffusers_workload(cls_name, config_path, batch=1, text_tokens=None, dtype=t
             raise WorkloadError(f"cannot read config {config_path}: {err}") from None
     with torch.device(device):
         model = cls.from_config(config).to(dtype).eval()
-    def inputs_for_batch(n: int) -> tuple[tuple, dict]:
+    def make_inputs(n: int, resolution: int | None = None, text_tokens: int | None = text_tokens) -> tuple[tuple, dict]:
         gen = torch.Generator().manual_seed(n)
-        return (), _diffusers_inputs(cls_name, dict(model.config), n, text_tokens or 16, dtype, device, gen)
+        return (), _diffusers_inputs(cls_name, dict(model.config), n, resolution, text_tokens or 16, dtype, device, gen)
 
-    return Workload(cls_name, DiffusersSample(model), (), inputs_for_batch(batch)[1], f"batch {batch}", batch, inputs_for_batch)
+    return Workload(cls_name, DiffusersSample(model), (), make_inputs(batch)[1], f"batch {batch}", batch, make_inputs)
 
 
 def factory_workload(spec: str, device="cpu", dtype=torch.float32) -> Workload:
