@@ -34,7 +34,7 @@ from .workloads import (
     load_workload,
 )
 
-BACKENDS = ("eager", "inductor", "inductor-reduce-overhead", "inductor-max-autotune", "lynx-none", "lynx-norm", "lynx-lora", "lynx-norm-reduce-overhead", "torchao-24-weight")
+BACKENDS = ("eager", "inductor", "inductor-reduce-overhead", "inductor-max-autotune", "lynx-none", "lynx-norm", "lynx-lora", "lynx-norm-reduce-overhead", "lynx-lora-reduce-overhead", "torchao-24-weight")
 DEFAULT_BACKENDS = ("eager", "inductor", "lynx-norm")
 _LINEAR_KERNELS = ("addmm", "aten::mm", "linear", "lynx::", "gemm", "cutlass", "sm90")
 
