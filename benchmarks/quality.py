@@ -11,7 +11,10 @@ MLP fc1 / fc2 of every block):
 * weight 2:4: magnitude pruning of W, 2 of every 4 weights along K per output row (the
   RT-Lynx paper's baseline: what sparse tensor cores run with offline-pruned weights);
 * activation N:M (lynx), per token, with ``compensation`` none / norm / norm + LoRA (LoRA
-  factors from ``lynx_compile.calibrate`` on training images; "pending" when unavailable).
+  factors from ``lynx_compile.calibrate`` on training images; "pending" when unavailable);
+* activation 2:4 + norm (+ LoRA) with a dense budget ("B=0.3"): ``LynxConfig(sensitivity=comp,
+  dense_flop_budget=0.3)``, i.e. the layers that calibration measured most sensitive (on
+  training images) stay dense, up to 30% of the selected layers' FLOPs (``DENSE_FLOP_BUDGET``).
 
 Activation variants run through ``torch.compile`` with ``LynxBackend(config, inductor=False)``:
 exactly the function the lynx-compiled model computes, without Inductor's compile time.
@@ -84,6 +87,19 @@ class Variant:
     """``dense``, ``weight`` (pruned W) or ``activation`` (lynx)."""
     pattern: str = "2:4"
     compensation: str = "none"
+    dense_flop_budget: float | None = None
+    """``LynxConfig.dense_flop_budget`` with the calibrated ``sensitivity`` (activation variants)."""
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.compensation == "lora" or self.dense_flop_budget is not None
+
+
+DENSE_FLOP_BUDGET = 0.3
+"""Chosen from the calibration sensitivities (training images), not from held-out results:
+calibration ranks the two attention qkv layers (relative error 0.45, 0.34 with norm
+compensation) clearly above the rest (<= 0.27); together they are 6/22 = 27% of the selected
+layers' FLOPs, so a budget of 0.3 keeps exactly them dense and 73% of the FLOPs sparse."""
 
 
 VARIANTS = (
@@ -94,6 +110,8 @@ VARIANTS = (
     Variant("act 2:4 + norm + LoRA", "activation", "2:4", "lora"),
     Variant("act 4:8 + norm", "activation", "4:8", "norm"),
     Variant("act 1:4 + norm", "activation", "1:4", "norm"),
+    Variant(f"act 2:4 + norm, B={DENSE_FLOP_BUDGET:g}", "activation", "2:4", "norm", DENSE_FLOP_BUDGET),
+    Variant(f"act 2:4 + norm + LoRA, B={DENSE_FLOP_BUDGET:g}", "activation", "2:4", "lora", DENSE_FLOP_BUDGET),
 )
 
 
@@ -246,16 +264,24 @@ class VariantModel:
                 pattern=variant.pattern, compensation=variant.compensation,
                 compensation_state=lora if variant.compensation == "lora" else None,
                 include=None if only is None else f"^{re.escape(only)}$",
+                **({} if variant.dense_flop_budget is None else
+                   {"sensitivity": lora, "dense_flop_budget": variant.dense_flop_budget}),
             )
             self.backend = LynxBackend(self.config, inductor=False)
             # Dynamic shapes: one trace serves the probe, held-out and sampling batch sizes.
             model = torch.compile(model, backend=self.backend, dynamic=True)
         self.forward: Callable[..., Tensor] = model
 
+    def dense_layers(self) -> set[str]:
+        """Selected layers that lynx kept dense for sensitivity (known once the model has run)."""
+        if self.variant.kind != "activation":
+            return set()
+        return {d.name for d in self.backend.report.dense if d.reason.startswith("sensitivity")}
+
     def layer_output(self, name: str, layer: nn.Linear, x: Tensor) -> Tensor:
         if self.variant.kind == "weight":
             return self.pruned[name](x)
-        if self.variant.kind == "activation":
+        if self.variant.kind == "activation" and name not in self.dense_layers():
             c = self.config
             down, up = c.compensation_state[name] if c.compensation == "lora" else (None, None)
             return torch.ops.lynx.sparse_linear(x, layer.weight, layer.bias, c.n, c.m, c.norm_compensation, c.eps, down, up)
@@ -265,11 +291,11 @@ class VariantModel:
 @torch.no_grad()
 def evaluate(harness: Harness, variant_model: VariantModel, dense: dict[str, Any] | None) -> dict[str, Any]:
     s = harness.settings
+    eps = [variant_model.forward(*probe) for probe in harness.probes]  # first: compiles, so lynx has decided
     layer_errors = {
         name: relative_error(variant_model.layer_output(name, layer, harness.layer_inputs[name]), layer(harness.layer_inputs[name]))
         for name, layer in harness.layers.items()
     }
-    eps = [variant_model.forward(*probe) for probe in harness.probes]
     heldout = slice(0, s.heldout_images)
     loss = heldout_loss(variant_model.forward, harness.schedule, harness.data["x_test"][heldout],
                         harness.data["y_test"][heldout], draws=s.heldout_draws)
@@ -320,7 +346,7 @@ def run(settings: Settings, device: str = "cpu", variants: tuple[Variant, ...] =
     plus the ``eps`` and ``samples`` tensors (left out of the JSON) for the grid."""
     started = time.time()
     harness = Harness(settings, device, checkpoint)
-    wants_lora = any(v.compensation == "lora" for v in variants)
+    wants_lora = any(v.needs_calibration for v in variants)
     lora, lora_pending = lora_state(harness) if wants_lora else (None, None)
     results: dict[str, dict[str, Any]] = {}
     pending: dict[str, str] = {}
@@ -328,7 +354,7 @@ def run(settings: Settings, device: str = "cpu", variants: tuple[Variant, ...] =
     # A fresh backend per variant means a fresh Dynamo cache entry per (variant, input shape).
     with torch._dynamo.config.patch(recompile_limit=1 << 20, accumulated_recompile_limit=1 << 20):
         for variant in variants:
-            if variant.compensation == "lora" and lora is None:
+            if variant.needs_calibration and lora is None:
                 pending[variant.name] = lora_pending
                 continue
             if progress:
@@ -337,8 +363,15 @@ def run(settings: Settings, device: str = "cpu", variants: tuple[Variant, ...] =
             results[variant.name] = evaluate(harness, variant_model, results.get("dense"))
             if variant.kind == "activation":
                 compiled_sparse = {d.name for d in variant_model.backend.report.sparse}
-                if compiled_sparse != set(harness.layers):
+                kept_dense = variant_model.dense_layers()
+                if compiled_sparse != set(harness.layers) - kept_dense or (kept_dense and variant.dense_flop_budget is None):
                     raise RuntimeError(f"{variant.name}: lynx sparsified {sorted(compiled_sparse)}, expected {sorted(harness.layers)}")
+                if variant.dense_flop_budget is not None:
+                    flops = {name: layer.in_features * layer.out_features for name, layer in harness.layers.items()}
+                    results[variant.name] |= {
+                        "dense_layers": sorted(kept_dense),
+                        "sparse_flop_share": sum(flops[n] for n in compiled_sparse) / sum(flops.values()),
+                    }
             torch._dynamo.reset()
         sensitivity = single_layer_sensitivity(harness) if settings.sensitivity else None
     return {
@@ -394,7 +427,26 @@ def findings(output: dict[str, Any]) -> dict[str, Any]:
         "norm_compensation_beats_naive_eps_error": norm["eps_error_mean"] < naive["eps_error_mean"],
         "activation_2of4_norm_heldout_loss_change_pct": norm["heldout_loss_change_pct"],
         "activation_2of4_norm_heldout_loss_within_3pct": abs(norm["heldout_loss_change_pct"]) <= 3.0,
+    } | {
+        f"{budget_key(name)}_{what}": value
+        for name in budget_variant_names(output)
+        for what, value in (
+            ("dense_layers", v[name]["dense_layers"]),
+            ("sparse_flop_share", v[name]["sparse_flop_share"]),
+            ("heldout_loss_change_pct", v[name]["heldout_loss_change_pct"]),
+            ("heldout_loss_within_3pct", abs(v[name]["heldout_loss_change_pct"]) <= 3.0),
+            ("beats_weight_2of4_heldout_loss", v[name]["heldout_loss"] < weight["heldout_loss"]),
+        )
     }
+
+
+def budget_variant_names(output: dict[str, Any]) -> list[str]:
+    return [v.name for v in VARIANTS if v.dense_flop_budget is not None and v.name in output["variants"]]
+
+
+def budget_key(name: str) -> str:
+    """ "act 2:4 + norm + LoRA, B=0.3" -> "activation_2of4_norm_lora_budget" (a findings key prefix)."""
+    return "activation_2of4_norm" + ("_lora" if "LoRA" in name else "") + "_budget"
 
 
 def findings_text(found: dict[str, Any]) -> str:
@@ -403,7 +455,7 @@ def findings_text(found: dict[str, Any]) -> str:
     def holds(key: str) -> str:
         return "yes" if found[key] else "NO"
 
-    return "\n".join([
+    lines = [
         f"- activation 2:4 + norm has lower mean per-layer error than weight 2:4: {holds('activation_2of4_norm_beats_weight_2of4_layer_error')}",
         f"- activation 2:4 + norm has lower end-to-end noise-prediction error than weight 2:4: {holds('activation_2of4_norm_beats_weight_2of4_eps_error')}",
         f"- activation 2:4 + norm has lower held-out loss than weight 2:4: {holds('activation_2of4_norm_beats_weight_2of4_heldout_loss')}",
@@ -411,7 +463,18 @@ def findings_text(found: dict[str, Any]) -> str:
         f"- norm compensation lowers the noise-prediction error of activation 2:4: {holds('norm_compensation_beats_naive_eps_error')}",
         f"- held-out loss of activation 2:4 + norm vs dense: {found['activation_2of4_norm_heldout_loss_change_pct']:+.2f}% "
         f"(within 3%: {holds('activation_2of4_norm_heldout_loss_within_3pct')})",
-    ])
+    ]
+    for name in (v.name for v in VARIANTS if v.dense_flop_budget is not None):
+        key = budget_key(name)
+        if f"{key}_dense_layers" not in found:
+            continue
+        lines.append(
+            f"- {name} (dense: {', '.join(found[f'{key}_dense_layers']) or 'none'}; "
+            f"{found[f'{key}_sparse_flop_share']:.0%} of the selected layers' FLOPs sparse): held-out loss vs dense "
+            f"{found[f'{key}_heldout_loss_change_pct']:+.2f}% (within 3%: {holds(f'{key}_heldout_loss_within_3pct')}; "
+            f"lower than weight 2:4: {holds(f'{key}_beats_weight_2of4_heldout_loss')})"
+        )
+    return "\n".join(lines)
 
 
 def sample_grid(output: dict[str, Any], path: Path, zoom: int = 6, columns: int = 20) -> None:
@@ -422,7 +485,7 @@ def sample_grid(output: dict[str, Any], path: Path, zoom: int = 6, columns: int 
     per_class = output["settings"]["samples_per_class"]
     # Columns cycle through the classes 0..9 (a few seeds each) so a row reads as digits in order.
     order = [c * per_class + k for k in range(per_class) for c in range(10)][:columns]
-    cell, gap, label_width = 8 * zoom, 2, 150
+    cell, gap, label_width = 8 * zoom, 2, 180
     image = Image.new("L", (label_width + len(order) * (cell + gap), len(names) * (cell + gap) + gap), color=255)
     draw = ImageDraw.Draw(image)
     for row, name in enumerate(names):
