@@ -19,14 +19,6 @@ log = logging.getLogger("lynx_compile")
 _graph_counter = itertools.count()
 
 
-def _load_kernels() -> None:
-    """Register the CUDA implementations of the lynx ops, if this machine has them."""
-    try:
-        from . import kernels  # noqa: F401
-    except ImportError as err:  # pragma: no cover - kernels.py ships with the package
-        log.debug("lynx: no CUDA kernels (%s)", err)
-
-
 class LynxBackend:
     """A Dynamo backend callable; ``report`` collects the decisions of every graph it compiled."""
 
@@ -48,7 +40,7 @@ class LynxBackend:
         if options:
             LynxConfig.from_options(options)  # names the bad key, if any
             config = replace(config, **options)
-        _load_kernels()
+        from . import kernels  # noqa: F401  (registers the CUDA kernels of the lynx ops, where there are any)
         graph_index = next(_graph_counter)
         ctx = PassContext(gm, list(example_inputs), config, graph_index=graph_index)
         run_pipeline(gm, ctx, self.dump_dir)

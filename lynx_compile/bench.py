@@ -23,6 +23,7 @@ from tabulate import tabulate
 
 from .backend import LynxBackend
 from .config import LynxConfig
+from .progress import progress
 from .results import device_slug, environment, write_json
 from .workloads import (
     Workload,
@@ -164,7 +165,7 @@ def _sampling_loop(fn: Callable, workload: Workload, steps: int, device: torch.d
     args = list(workload.args)
     _sync(device)
     t0 = time.perf_counter()
-    for step in range(steps):
+    for _ in range(steps):
         out = fn(*args, **workload.kwargs)
         if args and out.shape[:1] == args[0].shape[:1] and out.shape[1:] != args[0].shape[1:]:
             out = out[:, : args[0].shape[1]]  # learned-sigma models return mean and variance
@@ -172,16 +173,6 @@ def _sampling_loop(fn: Callable, workload: Workload, steps: int, device: torch.d
             args[0] = args[0] - out / steps
     _sync(device)
     return time.perf_counter() - t0
-
-
-def _progress(items, enabled: bool):
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        tqdm = None
-    if tqdm is None or not enabled:
-        return items
-    return tqdm(items, desc="backends", unit="backend", file=sys.stderr)
 
 
 def table(rows: list[Row]) -> str:
@@ -250,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     with torch.no_grad():
         reference = workload()
     print(f"{workload.name} ({workload.shape}, {args.dtype}, {device}) with {config}", file=sys.stderr)
-    rows = [run_backend(name, workload, reference, config, args) for name in _progress(backends, sys.stderr.isatty())]
+    rows = [run_backend(name, workload, reference, config, args) for name in progress(backends, sys.stderr.isatty(), desc="backends", unit="backend", file=sys.stderr)]
     print(table(rows))
     if not args.no_save:
         out = Path(args.out)

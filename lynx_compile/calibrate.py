@@ -39,6 +39,7 @@ import torch
 from tabulate import tabulate
 from torch import Tensor, nn
 
+from .progress import progress as show_progress
 from .config import LynxConfig
 from .ops import sparse_linear_reference
 
@@ -275,16 +276,6 @@ def _refine(x: Tensor, residual: Tensor, down: Tensor, up: Tensor, steps: int, l
     return down.detach(), up.detach()
 
 
-def _progress(iterable: Iterable, enabled: bool, **kwargs: Any) -> Iterable:
-    if not enabled:
-        return iterable
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return iterable
-    return tqdm(iterable, **kwargs)
-
-
 def calibrate(
     model: nn.Module,
     batches: Iterable[Any],
@@ -362,7 +353,7 @@ def calibrate(
     batches_seen = 0
     try:
         with torch.no_grad():
-            for batch in _progress(_chain(first, iterator), progress, desc="lynx calibrate: capture", unit="batch"):
+            for batch in show_progress(_chain(first, iterator), progress, desc="lynx calibrate: capture", unit="batch"):
                 args, kwargs = _call_args(batch)
                 model(*args, **kwargs)
                 batches_seen += 1
@@ -372,7 +363,7 @@ def calibrate(
     log.info("calibrate: captured %d batches into %d layers", batches_seen, len(selected))
 
     layers = {}
-    for name in _progress(list(selected), progress, desc="lynx calibrate: fit", unit="layer"):
+    for name in show_progress(list(selected), progress, desc="lynx calibrate: fit", unit="layer"):
         layers[name] = _calibrate_layer(
             name, selected[name], reservoirs.pop(name).sample(), config, rank, holdout, ridge, steps, lr, generator
         )

@@ -16,10 +16,8 @@ import sys
 from pathlib import Path
 
 import torch.fx as fx
-from tabulate import tabulate
 
 from .backend import LynxBackend, trace
-from .report import Report
 from .workloads import (
     Workload,
     WorkloadError,
@@ -29,20 +27,6 @@ from .workloads import (
     finish_workload_arguments,
     load_workload,
 )
-
-
-def layer_rows(report: Report) -> list[tuple]:
-    rows = []
-    for layer in report.layers:
-        sparse_gflop = layer.flops / 1e9 if layer.decision == "sparse" and layer.flops is not None else 0.0
-        error = getattr(layer, "error", None)
-        rows.append((layer.name, f"{layer.tokens} x {layer.in_features} -> {layer.out_features}", layer.role,
-                     layer.decision, layer.reason, layer.compensation or "-", "-" if error is None else f"{error:.3g}",
-                     f"{sparse_gflop:.3f}"))
-    return rows
-
-
-LAYER_HEADERS = ("layer", "M x K -> N", "role", "decision", "reason", "compensation", "error", "sparse GFLOP")
 
 
 def to_dot(gm: fx.GraphModule, title: str) -> str:
@@ -80,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     report = trace(workload.model, workload.args, workload.kwargs, recorder)
     recompiles = recompiles_on_batch_change(workload, config)
 
-    table = tabulate(layer_rows(report), headers=LAYER_HEADERS)
+    table = report.table(detailed=True)
     summary = f"{workload.name} ({workload.shape}, {args.dtype}, {args.device}): {report.summary()}"
     if recompiles is not None:
         summary += f"; recompiles when the batch changes (dynamic=True): {recompiles}"

@@ -38,6 +38,10 @@ class LayerDecision:
         return 2 * self.tokens * self.in_features * self.out_features if isinstance(self.tokens, int) else None
 
 
+def _shape(layer: LayerDecision) -> tuple[str, str, str]:
+    return layer.name, f"{layer.tokens} x {layer.in_features} -> {layer.out_features}", layer.role
+
+
 @dataclass
 class Report:
     """Per-layer decisions of the lynx backend on one model, as ``explain()`` returns them."""
@@ -63,21 +67,28 @@ class Report:
         total = sum(f for f, _ in flops)
         return sum(f for f, d in flops if d == "sparse") / total if total else 0.0
 
-    def table(self, tablefmt: str = "simple") -> str:
-        # The error column only appears once sensitivities were given: most reports have none.
+    def table(self, tablefmt: str = "simple", detailed: bool = False) -> str:
+        """The per-layer table. ``detailed`` (lynx-dump) adds compensation, measured error and
+        the GFLOP each layer moves to the sparse path; otherwise the error column only appears
+        once sensitivities were given, as most reports have none."""
         errors = any(layer.error is not None for layer in self.layers)
-        rows = [
-            (
-                layer.name,
-                f"{layer.tokens} x {layer.in_features} -> {layer.out_features}",
-                layer.role,
-                *((f"{layer.error:.3f}" if layer.error is not None else "",) if errors else ()),
-                layer.decision,
-                layer.reason,
-            )
-            for layer in self.layers
-        ]
-        headers = ("layer", "M x K -> N", "role", *(("error",) if errors else ()), "decision", "reason")
+
+        def error(layer: LayerDecision) -> str:
+            return "-" if layer.error is None else f"{layer.error:.3f}"
+
+        if detailed:
+            headers = ("layer", "M x K -> N", "role", "decision", "reason", "compensation", "error", "sparse GFLOP")
+            rows = [
+                (*_shape(layer), layer.decision, layer.reason, layer.compensation or "-", error(layer),
+                 f"{(layer.flops or 0) / 1e9 if layer.decision == 'sparse' else 0.0:.3f}")
+                for layer in self.layers
+            ]
+        else:
+            headers = ("layer", "M x K -> N", "role", *(("error",) if errors else ()), "decision", "reason")
+            rows = [
+                (*_shape(layer), *((error(layer),) if errors else ()), layer.decision, layer.reason)
+                for layer in self.layers
+            ]
         return tabulate(rows, headers=headers, tablefmt=tablefmt)
 
     def summary(self) -> str:
