@@ -1,0 +1,177 @@
+"""lynx under diffusers' context parallelism (sequence-sharded over 2 gloo processes on CPU, NCCL
+on 2 GPUs), and the data-parallel generation example."""
+
+import importlib
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import lynx_compile
+from lynx_compile.parallel import context_parallel
+from lynx_compile.workloads import diffusers_workload
+
+pytest.importorskip("diffusers")
+
+WORLD = 2
+# A tiny Flux: an MMDiT with a text and an image stream (dual blocks) and joint single blocks.
+TINY_FLUX = dict(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=64,
+                 num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=16, guidance_embeds=True,
+                 axes_dims_rope=(16, 24, 24))
+# Wide enough that every selected GPU linear runs the sparse kernels (K, N >= 256).
+GPU_FLUX = dict(TINY_FLUX, attention_head_dim=128, num_attention_heads=4, joint_attention_dim=256, pooled_projection_dim=64,
+                axes_dims_rope=(16, 56, 56))
+
+
+def _join(rank: int, init_file: str, device: torch.device) -> None:
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+
+
+def _sharded_vs_unsharded(rank: int, init_file: str, out_dir: str, device_type: str, mode: str, batches: tuple[int, int]) -> None:
+    device = torch.device(f"cuda:{rank}") if device_type == "cuda" else torch.device("cpu")
+    _join(rank, init_file, device)
+    try:
+        from torch._dynamo.utils import counters
+
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        config = dict(min_features=0, speed_guard=False)
+        torch.manual_seed(0)
+        workload = diffusers_workload("FluxTransformer2DModel", GPU_FLUX if device.type == "cuda" else TINY_FLUX,
+                                      batch=batches[0], text_tokens=8, dtype=dtype, device=device)
+        shapes = [workload.kwargs, workload.make_inputs(batches[1], resolution=128, text_tokens=12)[1]]  # new size, text
+        if mode == "ring":
+            workload.model.model.set_attention_backend("_native_cudnn")
+        results = {}
+        with torch.no_grad():
+            unsharded = lynx_compile.backend(**config)
+            model = torch.compile(workload.model, backend=unsharded, fullgraph=True, dynamic=True)
+            references = [model(**kwargs) for kwargs in shapes]
+            torch._dynamo.reset()
+            counters.clear()
+            sharded, traced_ops = lynx_compile.backend(**config), set()
+
+            def recording(gm, example_inputs, **kwargs):
+                traced_ops.update(str(node.target) for node in gm.graph.nodes if node.op == "call_function")
+                return sharded(gm, example_inputs, **kwargs)
+
+            model = torch.compile(context_parallel(workload.model, mode=mode), backend=recording, fullgraph=True, dynamic=True)
+            outputs = [model(**kwargs) for kwargs in shapes]
+        results["errors"] = [((o - r).float().norm() / r.float().norm()).item() for o, r in zip(outputs, references)]
+        results["shapes"] = [tuple(o.shape) == tuple(r.shape) for o, r in zip(outputs, references)]
+        results["sparse"] = sorted(layer.name for layer in sharded.report.sparse)
+        results["unsharded_sparse"] = sorted(layer.name for layer in unsharded.report.sparse)
+        results["graphs"] = sharded.report.graphs
+        results["frames"] = counters["stats"]["unique_graphs"]
+        results["graph_breaks"] = sum(counters["graph_break"].values())
+        results["collectives"] = sorted(op for op in traced_ops if "_c10d_functional" in op)
+        torch.save(results, Path(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn(tmp_path: Path, fn, *args) -> list[dict]:
+    mp.spawn(fn, args=(str(tmp_path / "init"), str(tmp_path), *args), nprocs=WORLD)
+    return [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(WORLD)]
+
+
+def _check_sharded(results: list[dict], tolerance: float) -> None:
+    for rank, result in enumerate(results):
+        assert all(result["shapes"]), rank  # the output is gathered back to the full sequence
+        assert max(result["errors"]) < tolerance, (rank, result["errors"])
+        assert result["sparse"] == result["unsharded_sparse"] and result["sparse"], rank
+        assert result["graphs"] == 1 and result["frames"] == 1 and result["graph_breaks"] == 0, result
+        assert result["collectives"], "the sequence exchange should be inside the compiled graph"
+
+
+def test_ulysses_sharded_flux_matches_unsharded_on_cpu(tmp_path):
+    """Two gloo ranks, each with half of the tokens: the same output as one process with all of
+    them, the same sparse layers, one graph, and no recompile when batch, resolution and text
+    length change."""
+    _check_sharded(_spawn(tmp_path, _sharded_vs_unsharded, "cpu", "ulysses", (2, 3)), tolerance=1e-5)
+
+
+# torch 2.11 on 2 H200s (2026-11-26): with batch 2 -> 3 the sharded model failed to trace
+# diffusers' output all-gather (torch.distributed._functional_collectives.all_gather_tensor);
+# torch 2.13 on CPU traces it. Batch 1 compiled and ran sharded there (the flux-dev benchmark).
+_DYNAMIC_BATCH_ON_OLD_TORCH = pytest.mark.xfail(torch.__version__ < "2.13", reason="dynamic batch under context parallelism, torch < 2.13",
+                                                strict=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("batches", [(1, 1), pytest.param((2, 3), marks=_DYNAMIC_BATCH_ON_OLD_TORCH)], ids=["batch1", "batch2to3"])
+@pytest.mark.parametrize("mode", ["ulysses", "ring"])
+def test_sharded_flux_matches_unsharded_on_two_gpus(tmp_path, mode, batches):
+    if torch.cuda.device_count() < WORLD:
+        pytest.skip(f"needs {WORLD} GPUs")
+    from lynx_compile import kernels
+
+    if not kernels.available():
+        pytest.skip(f"CUDA kernels unavailable: {kernels._lib_error}")
+    # bf16 attention over exchanged shards sums in another order than the unsharded run.
+    _check_sharded(_spawn(tmp_path, _sharded_vs_unsharded, "cuda", mode, batches), tolerance=2e-2)
+
+
+class _Group:
+    """A one-process gloo group, for the argument checks."""
+
+    def __enter__(self):
+        dist.init_process_group("gloo", init_method=f"file://{self.path}", rank=0, world_size=1)
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __exit__(self, *exc):
+        dist.destroy_process_group()
+
+
+def test_context_parallel_rejects_what_it_cannot_shard(tmp_path):
+    flux = diffusers_workload("FluxTransformer2DModel", TINY_FLUX).model
+    with pytest.raises(RuntimeError, match="not initialized"):
+        context_parallel(flux)
+    sd3 = diffusers_workload("SD3Transformer2DModel", dict(sample_size=8, patch_size=2, in_channels=4, num_layers=1,
+                                                           attention_head_dim=64, num_attention_heads=2,
+                                                           joint_attention_dim=32, caption_projection_dim=128,
+                                                           pooled_projection_dim=16, out_channels=4)).model
+    with _Group(tmp_path / "init"):
+        with pytest.raises(ValueError, match="mode must be"):
+            context_parallel(flux, mode="tensor")
+        with pytest.raises(ValueError, match="no context-parallel plan for SD3Transformer2DModel"):
+            context_parallel(sd3)
+        with pytest.raises(ValueError, match="wraps no"):
+            context_parallel(lynx_compile.models.build("mmdit-tiny"))
+        with pytest.raises(ValueError, match="does not divide"):
+            context_parallel(flux, degree=2)
+        with pytest.raises(ValueError, match="log-sum-exp"):
+            context_parallel(flux, mode="ring")
+
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def _generate(rank: int, init_file: str, out_dir: str) -> None:
+    _join(rank, init_file, torch.device("cpu"))
+    try:
+        sys.path.insert(0, str(BENCHMARKS))
+        generate = importlib.import_module("generate_parallel")
+        torch.save(generate.generate(labels=list(range(5)), steps=3, backend="lynx"), Path(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_data_parallel_generation_matches_one_process(tmp_path):
+    """Prompts split over 2 ranks give the images one process gives: each prompt's noise comes
+    from its own seed, and lynx sparsifies each token on its own."""
+    results = _spawn(tmp_path, _generate)
+    sys.path.insert(0, str(BENCHMARKS))
+    generate = importlib.import_module("generate_parallel")
+    single = generate.generate(labels=list(range(5)), steps=3, backend="lynx")
+    for result in results:  # every rank ends with all images, in prompt order
+        assert result["labels"] == list(range(5))
+        torch.testing.assert_close(result["images"], single["images"], atol=1e-4, rtol=0)
+    assert results[0]["per_rank"] == [3, 2]
