@@ -14,7 +14,9 @@ MLP fc1 / fc2 of every block):
   factors from ``lynx_compile.calibrate`` on training images; "pending" when unavailable);
 * activation 2:4 + norm (+ LoRA) with a dense budget ("B=0.3"): ``LynxConfig(sensitivity=comp,
   dense_flop_budget=0.3)``, i.e. the layers that calibration measured most sensitive (on
-  training images) stay dense, up to 30% of the selected layers' FLOPs (``DENSE_FLOP_BUDGET``).
+  training images) stay dense, up to 30% of the selected layers' FLOPs (``DENSE_FLOP_BUDGET``);
+  ranked by each layer's own error, or ("by model error") by the whole model's error with that
+  layer alone sparse (``Compensation.model_sensitivity``, also measured on training images).
 
 Activation variants run through ``torch.compile`` with ``LynxBackend(config, inductor=False)``:
 exactly the function the lynx-compiled model computes, without Inductor's compile time.
@@ -89,6 +91,10 @@ class Variant:
     compensation: str = "none"
     dense_flop_budget: float | None = None
     """``LynxConfig.dense_flop_budget`` with the calibrated ``sensitivity`` (activation variants)."""
+    ranking: str = "layer"
+    """What ranks the layers for the budget: ``layer`` (each layer's own output error,
+    ``Compensation.sensitivity``) or ``model`` (the whole model's error with that layer alone
+    sparse, ``Compensation.model_sensitivity``), both measured by calibration on training images."""
 
     @property
     def needs_calibration(self) -> bool:
@@ -112,6 +118,8 @@ VARIANTS = (
     Variant("act 1:4 + norm", "activation", "1:4", "norm"),
     Variant(f"act 2:4 + norm, B={DENSE_FLOP_BUDGET:g}", "activation", "2:4", "norm", DENSE_FLOP_BUDGET),
     Variant(f"act 2:4 + norm + LoRA, B={DENSE_FLOP_BUDGET:g}", "activation", "2:4", "lora", DENSE_FLOP_BUDGET),
+    Variant(f"act 2:4 + norm, B={DENSE_FLOP_BUDGET:g} by model error", "activation", "2:4", "norm", DENSE_FLOP_BUDGET, "model"),
+    Variant(f"act 2:4 + norm + LoRA, B={DENSE_FLOP_BUDGET:g} by model error", "activation", "2:4", "lora", DENSE_FLOP_BUDGET, "model"),
 )
 
 
@@ -265,7 +273,8 @@ class VariantModel:
                 compensation_state=lora if variant.compensation == "lora" else None,
                 include=None if only is None else f"^{re.escape(only)}$",
                 **({} if variant.dense_flop_budget is None else
-                   {"sensitivity": lora, "dense_flop_budget": variant.dense_flop_budget}),
+                   {"sensitivity": lora if variant.ranking == "layer" else lora.model_sensitivity(variant.compensation),
+                    "dense_flop_budget": variant.dense_flop_budget}),
             )
             self.backend = LynxBackend(self.config, inductor=False)
             # Dynamic shapes: one trace serves the probe, held-out and sampling batch sizes.
@@ -445,8 +454,9 @@ def budget_variant_names(output: dict[str, Any]) -> list[str]:
 
 
 def budget_key(name: str) -> str:
-    """ "act 2:4 + norm + LoRA, B=0.3" -> "activation_2of4_norm_lora_budget" (a findings key prefix)."""
-    return "activation_2of4_norm" + ("_lora" if "LoRA" in name else "") + "_budget"
+    """ "act 2:4 + norm + LoRA, B=0.3" -> "activation_2of4_norm_lora_budget" (a findings key prefix);
+    "..., B=0.3 by model error" -> "..._budget_by_model_error"."""
+    return "activation_2of4_norm" + ("_lora" if "LoRA" in name else "") + "_budget" + ("_by_model_error" if "model error" in name else "")
 
 
 def findings_text(found: dict[str, Any]) -> str:

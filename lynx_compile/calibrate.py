@@ -24,6 +24,12 @@ is picked per layer from ``RIDGES`` on a validation fifth of the training rows. 
 not exactly linear in X, so ``steps`` Adam iterations on the same loss can follow; default 0,
 as they did not lower the held-out error in our runs. Errors are relative output errors
 ``||Y - Y'|| / ||Y||`` (Y the dense output, bias included) on the held-out rows.
+
+A layer's own error does not say what it costs the model: on the trained digits DiT the first
+block's MLP up-projection has an ordinary layer error but causes most of the whole-model error.
+So calibration also makes each layer sparse alone on a few batches and records the whole
+model's output error (``Compensation.model_sensitivity``), the measure to rank layers by when a
+budget keeps some dense.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import torch
+import torch.utils._pytree as pytree
 from tabulate import tabulate
 from torch import Tensor, nn
 
@@ -73,6 +80,11 @@ class LayerCalibration:
     """(rank, in_features), fp32."""
     lora_up: Tensor
     """(out_features, rank), fp32."""
+    model_error_norm: float | None = None
+    """Relative error of the whole model's output when this layer alone is sparse (norm
+    compensation), mean over the first ``model_batches`` batches; None when not measured."""
+    model_error_lora: float | None = None
+    """... with norm compensation and the fitted LoRA."""
 
     def metadata(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("lora_down", "lora_up")}
@@ -113,6 +125,17 @@ class Compensation(Mapping):
         """Relative output error of each layer under sparsification with norm compensation."""
         return {name: layer.error_norm for name, layer in self.layers.items()}
 
+    def model_sensitivity(self, compensation: str = "lora") -> dict[str, float]:
+        """Whole-model relative output error with only that layer sparse (``compensation``
+        ``"norm"`` or ``"lora"``): what a layer costs the model, where ``sensitivity`` is what it
+        costs its own output. Pass it as ``LynxConfig(sensitivity=...)`` with a budget."""
+        if compensation not in ("norm", "lora"):
+            raise ValueError(f"model_sensitivity: compensation must be 'norm' or 'lora', got {compensation!r}")
+        errors = {name: getattr(layer, f"model_error_{compensation}") for name, layer in self.layers.items()}
+        if None in errors.values():
+            raise ValueError("model_sensitivity: not measured; calibrate with model_batches > 0")
+        return errors
+
     def mean_errors(self) -> dict[str, float]:
         """Mean over layers of the held-out relative error: ``none``, ``norm``, ``lora``."""
         count = max(len(self.layers), 1)
@@ -127,13 +150,16 @@ class Compensation(Mapping):
         return LynxConfig(**{**selection, "compensation": "lora", "compensation_state": self, "sensitivity": self, **overrides})
 
     def table(self, tablefmt: str = "simple") -> str:
+        whole = all(l.model_error_norm is not None for l in self.layers.values())
         rows = [
             (l.name, f"{l.in_features} -> {l.out_features}", l.rank, l.error_none, l.error_norm, l.error_lora)
+            + ((l.model_error_norm, l.model_error_lora) if whole else ())
             for l in self.layers.values()
         ]
         mean = self.mean_errors()
         rows.append(("mean", "", "", mean["none"], mean["norm"], mean["lora"]))
-        headers = ("layer", "K -> N", "rank", "error none", "error norm", "error norm+LoRA")
+        headers = ("layer", "K -> N", "rank", "error none", "error norm", "error norm+LoRA") + (
+            ("model error norm", "model error norm+LoRA") if whole else ())
         return tabulate(rows, headers=headers, tablefmt=tablefmt, floatfmt=".4f")
 
     def save(self, path: str | os.PathLike) -> None:
@@ -288,6 +314,7 @@ def calibrate(
     steps: int = 0,
     lr: float = 1e-4,
     seed: int = 0,
+    model_batches: int = 4,
     progress: bool = True,
 ) -> Compensation:
     """Fit LoRA factors and measure sensitivities for every layer ``config`` makes sparse.
@@ -299,6 +326,9 @@ def calibrate(
     layer keeps a uniform reservoir of at most ``max_rows`` input tokens, in the model's dtype
     on the model's device; ``holdout`` of them are held out for the reported errors. ``rank``
     is capped per layer by K, N and the training rows. ``steps`` > 0 adds Adam refinement.
+    On the first ``model_batches`` batches each layer is then made sparse alone, with norm and
+    with norm + LoRA compensation, and the whole model's output error is recorded
+    (``Compensation.model_sensitivity``): 2 x layers x model_batches extra forwards.
     ``progress`` shows tqdm bars (the results are also logged to ``lynx_compile.calibrate``).
     """
     if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
@@ -307,6 +337,8 @@ def calibrate(
         raise ValueError(f"calibrate: max_rows must be an int >= 8, got {max_rows!r}")
     if not 0 < holdout < 1:
         raise ValueError(f"calibrate: holdout must be a fraction in (0, 1), got {holdout!r}")
+    if isinstance(model_batches, bool) or not isinstance(model_batches, int) or model_batches < 0:
+        raise ValueError(f"calibrate: model_batches must be an int >= 0, got {model_batches!r}")
     if (ridge is not None and not ridge >= 0) or steps < 0:
         raise ValueError(f"calibrate: need ridge >= 0 and steps >= 0, got ridge={ridge!r}, steps={steps!r}")
     if config is not None and not isinstance(config, LynxConfig):
@@ -350,13 +382,15 @@ def calibrate(
         return lambda module, inputs: reservoirs[name].add(inputs[0])
 
     handles = [module.register_forward_pre_hook(hook(name)) for name, module in selected.items()]
-    batches_seen = 0
+    batches_seen, kept_batches = 0, []
     try:
         with torch.no_grad():
             for batch in show_progress(_chain(first, iterator), progress, desc="lynx calibrate: capture", unit="batch"):
                 args, kwargs = _call_args(batch)
                 model(*args, **kwargs)
                 batches_seen += 1
+                if len(kept_batches) < model_batches:
+                    kept_batches.append((args, kwargs))
     finally:
         for handle in handles:
             handle.remove()
@@ -370,7 +404,49 @@ def calibrate(
         l = layers[name]
         log.info("calibrate %s: error none %.4f, norm %.4f, norm+LoRA %.4f (rank %d)",
                  name, l.error_none, l.error_norm, l.error_lora, l.rank)
+    if kept_batches:
+        layers = _measure_model_errors(model, kept_batches, selected, layers, config, progress)
     return Compensation(layers, {key: getattr(config, key) for key in _SELECTION_FIELDS})
+
+
+def _tensors(output: Any) -> list[Tensor]:
+    return [leaf for leaf in pytree.tree_leaves(output) if isinstance(leaf, Tensor)]
+
+
+def _output_error(output: Any, reference: Any) -> float:
+    """``||Y' - Y|| / ||Y||`` over every tensor the model returns."""
+    pairs = list(zip(_tensors(output), _tensors(reference)))
+    diff = sum(float((o.float() - r.float()).square().sum()) for o, r in pairs)
+    norm = sum(float(r.float().square().sum()) for _, r in pairs)
+    return (diff / norm) ** 0.5 if norm > 0 else (0.0 if diff == 0 else float("inf"))
+
+
+def _measure_model_errors(model: nn.Module, batches: list[tuple[tuple, dict]], selected: dict[str, nn.Linear],
+                          layers: dict[str, LayerCalibration], config: LynxConfig, progress: bool) -> dict[str, LayerCalibration]:
+    """Each layer sparse alone (a forward hook swaps its output): the whole model's error per layer."""
+    with torch.no_grad():
+        dense = [model(*args, **kwargs) for args, kwargs in batches]
+        measured = {}
+        for name in show_progress(list(selected), progress, desc="lynx calibrate: whole-model error", unit="layer"):
+            module, layer = selected[name], layers[name]
+            errors = {}
+            for compensation in ("norm", "lora"):
+                factors = (layer.lora_down, layer.lora_up) if compensation == "lora" else (None, None)
+
+                def sparse_output(module, inputs, output, factors=factors):
+                    x = inputs[0]
+                    down, up = (None, None) if factors[0] is None else (f.to(x.device, x.dtype) for f in factors)
+                    return sparse_linear_reference(x, module.weight, module.bias, config.n, config.m, True, config.eps, down, up)
+
+                handle = module.register_forward_hook(sparse_output)
+                try:
+                    outputs = [model(*args, **kwargs) for args, kwargs in batches]
+                finally:
+                    handle.remove()
+                errors[compensation] = sum(_output_error(o, d) for o, d in zip(outputs, dense)) / len(batches)
+            measured[name] = replace(layer, model_error_norm=errors["norm"], model_error_lora=errors["lora"])
+            log.info("calibrate %s: whole-model error norm %.4f, norm+LoRA %.4f", name, errors["norm"], errors["lora"])
+    return {**layers, **measured}
 
 
 def _chain(first: Any, rest: Iterator[Any]) -> Iterator[Any]:

@@ -224,6 +224,41 @@ def test_flop_budget_keeps_the_most_sensitive_flops_dense(dit):
     assert {layer.name for layer in report.dense if layer.reason.startswith("sensitivity")} == {"blocks.0.attn.qkv"}
 
 
+@pytest.mark.parametrize("compensation", ["norm", "lora"])
+def test_whole_model_error_is_the_model_with_that_layer_alone_sparse(dit, comp, compensation):
+    """calibrate's per-layer whole-model error, recomputed independently: the backend with
+    ``include`` set to that one layer, against the dense model, on the same batches."""
+    from lynx_compile.backend import LynxBackend
+
+    batches = [example_inputs(dit, batch=2, seed=seed) for seed in range(3)]
+    dense = [dit(*batch) for batch in batches]
+    measured = comp.model_sensitivity(compensation)
+    assert set(measured) == set(comp)
+    for name in ("blocks.0.mlp.fc1", "blocks.1.attn.qkv"):
+        config = LynxConfig(**SELECTION, include=f"^{name}$", compensation=compensation,
+                            compensation_state=comp if compensation == "lora" else None)
+        torch._dynamo.reset()
+        alone = torch.compile(dit, backend=LynxBackend(config, inductor=False))
+        with torch.no_grad():
+            errors = [relative_error(alone(*batch), reference) for batch, reference in zip(batches, dense)]
+        assert measured[name] == pytest.approx(sum(errors) / len(errors), rel=1e-3)
+    torch._dynamo.reset()
+
+
+def test_whole_model_sensitivity_drives_the_budget(dit, comp):
+    measured = comp.model_sensitivity()
+    worst = max(measured, key=measured.get)
+    assert worst.endswith("fc1")  # 2/11 of the sparse FLOPs: the only layer that fits 0.2
+    report = lynx_compile.explain(dit, *example_inputs(dit), config=comp.config(sensitivity=measured, dense_flop_budget=0.2))
+    assert {layer.name for layer in report.dense if layer.reason.startswith("sensitivity")} == {worst}
+    assert "model error" in comp.table().splitlines()[0]
+    without = lynx_compile.calibrate(dit, [example_inputs(dit)], LynxConfig(**SELECTION), rank=4, model_batches=0, progress=False)
+    with pytest.raises(ValueError, match="not measured; calibrate with model_batches > 0"):
+        without.model_sensitivity()
+    with pytest.raises(ValueError, match="model_batches must be an int >= 0"):
+        lynx_compile.calibrate(dit, [example_inputs(dit)], model_batches=-1, progress=False)
+
+
 def test_reservoir_is_bounded_and_samples_all_rows_uniformly():
     reservoir = _Reservoir(200, torch.Generator().manual_seed(0))
     for start in range(0, 4000, 100):

@@ -16,7 +16,8 @@ sys.path.insert(0, str(BENCHMARKS))
 quality = importlib.import_module("quality")
 
 # The variants whose orderings are asserted; LoRA calibration is tested with calibrate itself.
-VARIANT_NAMES = ("dense", "weight 2:4", "act 2:4", "act 2:4 + norm")
+BY_MODEL_ERROR = f"act 2:4 + norm, B={quality.DENSE_FLOP_BUDGET:g} by model error"
+VARIANT_NAMES = ("dense", "weight 2:4", "act 2:4", "act 2:4 + norm", BY_MODEL_ERROR)
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +58,15 @@ def test_activation_sparsity_beats_weight_sparsity_per_layer(output):
     v = output["variants"]
     assert v["act 2:4 + norm"]["layer_error_mean"] < v["weight 2:4"]["layer_error_mean"]
     assert v["act 2:4"]["layer_error_mean"] < v["weight 2:4"]["layer_error_mean"]
+
+
+def test_budget_ranked_by_model_error_keeps_the_costly_layer_dense(output):
+    """Calibration's whole-model sensitivity (training images) singles out the first block's
+    MLP up-projection, and keeping it dense removes most of the end-to-end gap."""
+    v = output["variants"]
+    assert v[BY_MODEL_ERROR]["dense_layers"] == ["blocks.0.mlp.fc1"]
+    assert v[BY_MODEL_ERROR]["eps_error_mean"] < 0.6 * v["act 2:4 + norm"]["eps_error_mean"]
+    assert v[BY_MODEL_ERROR]["heldout_loss"] < v["weight 2:4"]["heldout_loss"]
 
 
 def test_sample_grid_and_json(output, tmp_path):
