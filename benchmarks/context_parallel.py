@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
 import time
@@ -42,6 +41,7 @@ from tabulate import tabulate
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import lynx_compile  # noqa: E402
+from lynx_compile.bench import median_ms  # noqa: E402
 from lynx_compile.parallel import MODES, context_parallel, init_distributed  # noqa: E402
 from lynx_compile.results import device_slug, environment, write_json  # noqa: E402
 from lynx_compile.workloads import diffusers_workload  # noqa: E402
@@ -54,25 +54,6 @@ FLUX_DEV = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=3
 TINY_FLUX = dict(FLUX_DEV, num_layers=1, num_single_layers=1, attention_head_dim=64, num_attention_heads=4,
                  joint_attention_dim=192, pooled_projection_dim=48, axes_dims_rope=(16, 24, 24))
 BACKENDS = ("inductor", "lynx")
-
-
-def _median_ms(fn, device: torch.device, warmup: int, repeat: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            start_s = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - start_s) * 1e3)
-    return statistics.median(times)
 
 
 def _slowest(value: float, group: bool) -> float:
@@ -106,7 +87,7 @@ def measure(workload, backend: str, args, device: torch.device, gpus: int) -> li
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             first_call_s = time.perf_counter() - start
-            median = _slowest(_median_ms(lambda: compiled(**kwargs), device, args.warmup, args.repeat), gpus > 1)
+            median = _slowest(median_ms(lambda: compiled(**kwargs), device, args.warmup, args.repeat), gpus > 1)
             records.append({"gpus": gpus, "backend": backend, "resolution": resolution, "median_ms": median,
                             "compile_s" if index == 0 else "first_call_s": first_call_s})
             if dist.get_rank() == 0:  # as it goes: a run cut short still shows its figures

@@ -59,7 +59,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _median_ms(fn: Callable[[], Any], device: torch.device, warmup: int, repeat: int) -> float:
+def median_ms(fn: Callable[[], Any], device: torch.device, warmup: int, repeat: int) -> float:
+    """Median latency of ``fn`` in ms after ``warmup`` calls: CUDA events on GPU, wall clock on CPU."""
     for _ in range(warmup):
         fn()
     _sync(device)
@@ -141,7 +142,7 @@ def run_backend(name: str, workload: Workload, reference: torch.Tensor | None, c
             out = workload(fn).clone()  # CUDA-graph backends overwrite their outputs on the next run
             _sync(device)
             row.compile_s = time.perf_counter() - t0
-            row.latency_ms = _median_ms(lambda: workload(fn), device, args.warmup, args.repeat)
+            row.latency_ms = median_ms(lambda: workload(fn), device, args.warmup, args.repeat)
             if device.type == "cuda":
                 row.peak_mem_gib = torch.cuda.max_memory_allocated(device) / 2**30
             if reference is not None:

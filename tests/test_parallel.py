@@ -1,6 +1,7 @@
 """lynx under diffusers' context parallelism (sequence-sharded over 2 gloo processes on CPU, NCCL
 on 2 GPUs), and the data-parallel generation example."""
 
+import contextlib
 import importlib
 import sys
 from pathlib import Path
@@ -8,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as _functional_collectives
 import torch.multiprocessing as mp
 
 import lynx_compile
@@ -17,6 +19,11 @@ from lynx_compile.workloads import diffusers_workload
 pytest.importorskip("diffusers")
 
 WORLD = 2
+# diffusers gathers the sharded output with funcol.all_gather_tensor, whose reshuffle helper
+# torch 2.11 keeps in torch._utils: a module its Dynamo does not trace into, so the gather ends
+# the graph there (and fullgraph=True fails). Where the helper lives in torch.distributed
+# (torch 2.13), the whole sharded model is one graph.
+ONE_GRAPH = _functional_collectives._maybe_view_chunk_cat.__module__.startswith("torch.distributed")
 # A tiny Flux: an MMDiT with a text and an image stream (dual blocks) and joint single blocks.
 TINY_FLUX = dict(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=64,
                  num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=16, guidance_embeds=True,
@@ -60,7 +67,8 @@ def _sharded_vs_unsharded(rank: int, init_file: str, out_dir: str, device_type: 
                 traced_ops.update(str(node.target) for node in gm.graph.nodes if node.op == "call_function")
                 return sharded(gm, example_inputs, **kwargs)
 
-            model = torch.compile(context_parallel(workload.model, mode=mode), backend=recording, fullgraph=True, dynamic=True)
+            model = torch.compile(context_parallel(workload.model, mode=mode), backend=recording, fullgraph=ONE_GRAPH,
+                                  dynamic=True)
             outputs = [model(**kwargs) for kwargs in shapes]
         results["errors"] = [((o - r).float().norm() / r.float().norm()).item() for o, r in zip(outputs, references)]
         results["shapes"] = [tuple(o.shape) == tuple(r.shape) for o, r in zip(outputs, references)]
@@ -84,8 +92,12 @@ def _check_sharded(results: list[dict], tolerance: float) -> None:
     for rank, result in enumerate(results):
         assert all(result["shapes"]), rank  # the output is gathered back to the full sequence
         assert max(result["errors"]) < tolerance, (rank, result["errors"])
-        assert result["sparse"] == result["unsharded_sparse"] and result["sparse"], rank
-        assert result["graphs"] == 1 and result["frames"] == 1 and result["graph_breaks"] == 0, result
+        if ONE_GRAPH:
+            assert result["sparse"] == result["unsharded_sparse"] and result["sparse"], rank
+            assert result["graphs"] == 1 and result["frames"] == 1 and result["graph_breaks"] == 0, result
+        else:  # the break splits the wrapper from the diffusers model: names lose its "model." prefix
+            strip = lambda names: sorted(name.removeprefix("model.") for name in names)
+            assert strip(result["sparse"]) == strip(result["unsharded_sparse"]) and result["sparse"], rank
         assert result["collectives"], "the sequence exchange should be inside the compiled graph"
 
 
@@ -96,17 +108,9 @@ def test_ulysses_sharded_flux_matches_unsharded_on_cpu(tmp_path):
     _check_sharded(_spawn(tmp_path, _sharded_vs_unsharded, "cpu", "ulysses", (2, 3)), tolerance=1e-5)
 
 
-# torch 2.11 on 2 H200s (2026-11-26): with batch 2 -> 3 the sharded model failed to trace
-# diffusers' output all-gather (torch.distributed._functional_collectives.all_gather_tensor);
-# torch 2.13 on CPU traces it. Batch 1 compiled and ran sharded there (the flux-dev benchmark).
-_DYNAMIC_BATCH_ON_OLD_TORCH = pytest.mark.xfail(torch.__version__ < "2.13", reason="dynamic batch under context parallelism, torch < 2.13",
-                                                strict=False)
-
-
 @pytest.mark.gpu
-@pytest.mark.parametrize("batches", [(1, 1), pytest.param((2, 3), marks=_DYNAMIC_BATCH_ON_OLD_TORCH)], ids=["batch1", "batch2to3"])
 @pytest.mark.parametrize("mode", ["ulysses", "ring"])
-def test_sharded_flux_matches_unsharded_on_two_gpus(tmp_path, mode, batches):
+def test_sharded_flux_matches_unsharded_on_two_gpus(tmp_path, mode):
     if torch.cuda.device_count() < WORLD:
         pytest.skip(f"needs {WORLD} GPUs")
     from lynx_compile import kernels
@@ -114,19 +118,16 @@ def test_sharded_flux_matches_unsharded_on_two_gpus(tmp_path, mode, batches):
     if not kernels.available():
         pytest.skip(f"CUDA kernels unavailable: {kernels._lib_error}")
     # bf16 attention over exchanged shards sums in another order than the unsharded run.
-    _check_sharded(_spawn(tmp_path, _sharded_vs_unsharded, "cuda", mode, batches), tolerance=2e-2)
+    _check_sharded(_spawn(tmp_path, _sharded_vs_unsharded, "cuda", mode, (2, 3)), tolerance=2e-2)
 
 
-class _Group:
+@contextlib.contextmanager
+def _one_process_group(init_file: Path):
     """A one-process gloo group, for the argument checks."""
-
-    def __enter__(self):
-        dist.init_process_group("gloo", init_method=f"file://{self.path}", rank=0, world_size=1)
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def __exit__(self, *exc):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=0, world_size=1)
+    try:
+        yield
+    finally:
         dist.destroy_process_group()
 
 
@@ -138,7 +139,7 @@ def test_context_parallel_rejects_what_it_cannot_shard(tmp_path):
                                                            attention_head_dim=64, num_attention_heads=2,
                                                            joint_attention_dim=32, caption_projection_dim=128,
                                                            pooled_projection_dim=16, out_channels=4)).model
-    with _Group(tmp_path / "init"):
+    with _one_process_group(tmp_path / "init"):
         with pytest.raises(ValueError, match="mode must be"):
             context_parallel(flux, mode="tensor")
         with pytest.raises(ValueError, match="no context-parallel plan for SD3Transformer2DModel"):
