@@ -12,7 +12,7 @@ MLP fc1 / fc2 of every block):
   RT-Lynx paper's baseline: what sparse tensor cores run with offline-pruned weights);
 * activation N:M (lynx), per token, with ``compensation`` none / norm / norm + LoRA (LoRA
   factors from ``lynx_compile.calibrate`` on training images; "pending" when unavailable);
-* activation 2:4 + norm (+ LoRA) with a dense budget ("B=0.3"): ``LynxConfig(sensitivity=comp,
+* activation 2:4 + norm (+ LoRA) with a dense budget ("B=0.3"): ``LynxConfig(sensitivity=...,
   dense_flop_budget=0.3)``, i.e. the layers that calibration measured most sensitive (on
   training images) stay dense, up to 30% of the selected layers' FLOPs (``DENSE_FLOP_BUDGET``);
   ranked by each layer's own error, or ("by model error") by the whole model's error with that
@@ -93,7 +93,7 @@ class Variant:
     """``LynxConfig.dense_flop_budget`` with the calibrated ``sensitivity`` (activation variants)."""
     ranking: str = "layer"
     """What ranks the layers for the budget: ``layer`` (each layer's own output error,
-    ``Compensation.sensitivity``) or ``model`` (the whole model's error with that layer alone
+    ``Compensation.layer_sensitivity``) or ``model`` (the whole model's error with that layer alone
     sparse, ``Compensation.model_sensitivity``), both measured by calibration on training images."""
 
     @property
@@ -273,7 +273,7 @@ class VariantModel:
                 compensation_state=lora if variant.compensation == "lora" else None,
                 include=None if only is None else f"^{re.escape(only)}$",
                 **({} if variant.dense_flop_budget is None else
-                   {"sensitivity": lora if variant.ranking == "layer" else lora.model_sensitivity(variant.compensation),
+                   {"sensitivity": lora.layer_sensitivity if variant.ranking == "layer" else lora.model_sensitivity(variant.compensation),
                     "dense_flop_budget": variant.dense_flop_budget}),
             )
             self.backend = LynxBackend(self.config, inductor=False)

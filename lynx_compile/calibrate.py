@@ -2,7 +2,7 @@
 
     comp = lynx_compile.calibrate(model, batches, LynxConfig())   # batches: forward-call args
     print(comp.table())                                           # error: none / norm / norm+LoRA
-    compiled = torch.compile(model, backend=lynx_compile.backend(comp.config(max_layer_error=0.3)))
+    compiled = torch.compile(model, backend=lynx_compile.backend(comp.config(dense_flop_budget=0.3)))
     comp.save("dit.lynx.safetensors"); comp = Compensation.load("dit.lynx.safetensors")
 
 Method. The layers are exactly those the backend sparsifies (``explain()`` on the first batch).
@@ -73,7 +73,7 @@ class LayerCalibration:
     error_none: float
     """Relative output error on held-out rows of plain N:M sparsity."""
     error_norm: float
-    """... with norm compensation: the layer's sensitivity."""
+    """... with norm compensation (``Compensation.layer_sensitivity``)."""
     error_lora: float
     """... with norm compensation and the fitted LoRA."""
     lora_down: Tensor
@@ -94,7 +94,8 @@ class Compensation(Mapping):
     """Calibrated LoRA factors, as a mapping ``module name -> (lora_down, lora_up)``.
 
     Use it as ``LynxConfig(compensation="lora", compensation_state=comp)`` (and
-    ``sensitivity=comp`` for sensitivity-driven selection), or just ``comp.config(...)``.
+    ``sensitivity=comp`` for sensitivity-driven selection, ranked by ``comp.sensitivity()``),
+    or just ``comp.config(...)``.
     ``layers[name]`` holds the per-layer metadata and errors.
     """
 
@@ -121,20 +122,28 @@ class Compensation(Mapping):
         return f"Compensation({len(self)} layers, pattern {self.pattern}, rank {sorted({l.rank for l in self.layers.values()})})"
 
     @property
-    def sensitivity(self) -> dict[str, float]:
-        """Relative output error of each layer under sparsification with norm compensation."""
+    def layer_sensitivity(self) -> dict[str, float]:
+        """Relative error of each layer's own output under sparsification with norm compensation."""
         return {name: layer.error_norm for name, layer in self.layers.items()}
 
     def model_sensitivity(self, compensation: str = "lora") -> dict[str, float]:
         """Whole-model relative output error with only that layer sparse (``compensation``
-        ``"norm"`` or ``"lora"``): what a layer costs the model, where ``sensitivity`` is what it
-        costs its own output. Pass it as ``LynxConfig(sensitivity=...)`` with a budget."""
+        ``"norm"`` or ``"lora"``): what a layer costs the model, where ``layer_sensitivity`` is
+        what it costs its own output."""
         if compensation not in ("norm", "lora"):
             raise ValueError(f"model_sensitivity: compensation must be 'norm' or 'lora', got {compensation!r}")
         errors = {name: getattr(layer, f"model_error_{compensation}") for name, layer in self.layers.items()}
         if None in errors.values():
             raise ValueError("model_sensitivity: not measured; calibrate with model_batches > 0")
         return errors
+
+    def sensitivity(self, compensation: str = "lora") -> dict[str, float]:
+        """The errors selection ranks layers by (``LynxConfig(sensitivity=comp)`` calls this with
+        its compensation): the whole-model errors when measured, else each layer's own error.
+        On the trained digits DiT only the whole-model ranking found the layer that mattered."""
+        if all(layer.model_error_norm is not None for layer in self.layers.values()):
+            return self.model_sensitivity("lora" if compensation == "lora" else "norm")
+        return self.layer_sensitivity
 
     def mean_errors(self) -> dict[str, float]:
         """Mean over layers of the held-out relative error: ``none``, ``norm``, ``lora``."""

@@ -58,9 +58,10 @@ class LynxConfig:
     """eps of the norm-compensation scale sqrt(||x||^2 / (||x~||^2 + eps))."""
 
     sensitivity: Mapping[str, float] | None = field(default=None, hash=False, compare=False)
-    """Measured relative output error of each layer under sparsification (norm compensation,
-    no LoRA), keyed by module qualified name: ``Compensation.sensitivity`` from
-    ``lynx_compile.calibrate``, or the ``Compensation`` itself. Shown by ``explain()``; with
+    """Measured relative error per layer, keyed by module qualified name: a ``Compensation``
+    from ``lynx_compile.calibrate`` (its ``sensitivity(compensation)``: the whole model's output
+    error with that layer alone sparse, under this config's compensation, when measured; else
+    the layer's own output error) or any such mapping. Shown by ``explain()``; with
     ``max_layer_error`` and/or ``dense_flop_budget`` it keeps the most sensitive layers dense."""
 
     max_layer_error: float | None = None
@@ -144,12 +145,12 @@ class LynxConfig:
 
     def _check_sensitivity(self) -> None:
         sensitivity = self.sensitivity
-        # A Compensation is a mapping of LoRA factors; its measured errors sit in .sensitivity.
-        if isinstance(getattr(sensitivity, "sensitivity", None), Mapping):
+        # A Compensation is a mapping of LoRA factors; its measured errors come from .sensitivity().
+        if callable(getattr(sensitivity, "sensitivity", None)):
             calibrated = getattr(sensitivity, "pattern", None)
             if calibrated is not None and calibrated != self.pattern:
                 raise ValueError(f"LynxConfig.sensitivity: measured for pattern {calibrated}, but pattern is {self.pattern}")
-            sensitivity = dict(sensitivity.sensitivity)
+            sensitivity = sensitivity.sensitivity(self.compensation)
         if sensitivity is not None:
             if not isinstance(sensitivity, Mapping) or not all(
                 isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0
@@ -157,7 +158,7 @@ class LynxConfig:
             ):
                 raise ValueError(
                     "LynxConfig.sensitivity: expected a mapping of module name -> relative error >= 0 "
-                    f"(e.g. Compensation.sensitivity), got {type(sensitivity).__name__}"
+                    f"(e.g. a Compensation), got {type(sensitivity).__name__}"
                 )
             object.__setattr__(self, "sensitivity", {k: float(v) for k, v in sensitivity.items()})
         for name, upper in (("max_layer_error", None), ("dense_flop_budget", 1.0)):

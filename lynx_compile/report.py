@@ -30,8 +30,8 @@ class LayerDecision:
     graph: int = 0
     """Index of the compiled graph (more than one only when Dynamo broke the graph)."""
     error: float | None = None
-    """Measured relative output error of this layer when sparsified (norm compensation, no
-    LoRA), from ``LynxConfig.sensitivity``; None when not measured."""
+    """Measured relative error of this layer when sparsified, from ``LynxConfig.sensitivity``
+    (the whole model's or the layer's own, see there); None when not measured."""
 
     @property
     def flops(self) -> int | None:

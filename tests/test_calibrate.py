@@ -164,7 +164,7 @@ def test_save_load_round_trips(comp, tmp_path, monkeypatch, safetensors):
     for name, layer in comp.layers.items():
         assert loaded.layers[name].metadata() == layer.metadata()
         torch.testing.assert_close(loaded[name], comp[name], rtol=0, atol=0)
-    assert loaded.config(max_layer_error=0.5).sensitivity == comp.sensitivity
+    assert loaded.config(max_layer_error=0.5).sensitivity == comp.sensitivity("lora")
 
 
 def test_bad_inputs_raise_clear_errors(dit, comp):
@@ -197,15 +197,16 @@ def test_factors_of_another_model_are_refused_naming_the_layer(comp):
 
 
 def test_max_layer_error_keeps_the_too_sensitive_layers_dense(dit, comp):
-    errors = sorted(comp.sensitivity.values())
+    sensitivity = comp.sensitivity("lora")  # what comp.config() ranks by: the whole-model errors
+    errors = sorted(sensitivity.values())
     threshold = (errors[2] + errors[3]) / 2
     report = lynx_compile.explain(dit, *example_inputs(dit), config=comp.config(max_layer_error=threshold))
     dense = {layer.name for layer in report.dense if layer.reason.startswith("sensitivity")}
-    assert dense == {name for name, error in comp.sensitivity.items() if error > threshold} and len(dense) == 3
+    assert dense == {name for name, error in sensitivity.items() if error > threshold} and len(dense) == 3
     layer = next(layer for layer in report.layers if layer.name in dense)
     assert layer.reason == f"sensitivity: error {layer.error:.3g} > max_layer_error {threshold:g}"
     assert "error" in report.table().splitlines()[0]
-    assert {layer.error for layer in report.layers if layer.name in comp} == set(comp.sensitivity.values())
+    assert {layer.error for layer in report.layers if layer.name in comp} == set(sensitivity.values())
 
 
 def test_flop_budget_keeps_the_most_sensitive_flops_dense(dit):
@@ -249,12 +250,16 @@ def test_whole_model_sensitivity_drives_the_budget(dit, comp):
     measured = comp.model_sensitivity()
     worst = max(measured, key=measured.get)
     assert worst.endswith("fc1")  # 2/11 of the sparse FLOPs: the only layer that fits 0.2
-    report = lynx_compile.explain(dit, *example_inputs(dit), config=comp.config(sensitivity=measured, dense_flop_budget=0.2))
-    assert {layer.name for layer in report.dense if layer.reason.startswith("sensitivity")} == {worst}
+    for config in (comp.config(sensitivity=measured, dense_flop_budget=0.2), comp.config(dense_flop_budget=0.2)):
+        report = lynx_compile.explain(dit, *example_inputs(dit), config=config)
+        assert {layer.name for layer in report.dense if layer.reason.startswith("sensitivity")} == {worst}
+    assert LynxConfig(**SELECTION, sensitivity=comp).sensitivity == comp.model_sensitivity("norm")
+    assert comp.sensitivity("lora") == measured and comp.layer_sensitivity != measured
     assert "model error" in comp.table().splitlines()[0]
     without = lynx_compile.calibrate(dit, [example_inputs(dit)], LynxConfig(**SELECTION), rank=4, model_batches=0, progress=False)
     with pytest.raises(ValueError, match="not measured; calibrate with model_batches > 0"):
         without.model_sensitivity()
+    assert without.sensitivity("lora") == without.layer_sensitivity  # the fallback ranking
     with pytest.raises(ValueError, match="model_batches must be an int >= 0"):
         lynx_compile.calibrate(dit, [example_inputs(dit)], model_batches=-1, progress=False)
 
