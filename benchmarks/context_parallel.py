@@ -125,17 +125,25 @@ def run(args) -> dict[str, Any] | None:
     workload = diffusers_workload("FluxTransformer2DModel", TINY_FLUX if args.quick else FLUX_DEV, dtype=dtype, device=device)
     for tensor in workload.model.state_dict().values():  # the same random weights on every rank
         dist.broadcast(tensor, src=0)
-    new: list[dict[str, Any]] = []
+    records: list[dict[str, Any]] = []
+
+    def measure_backends(gpus: int) -> None:
+        nonlocal records
+        for backend in args.backends:
+            measured = measure(workload, backend, args, device, gpus)
+            if rank == 0:  # kept per backend: a run stopped later still leaves these
+                records = _save_records(args, measured)
+
     if args.phase in ("single", "both") or world == 1:
         if rank == 0:
-            new += [r for b in args.backends for r in measure(workload, b, args, device, gpus=1)]
+            measure_backends(1)
         dist.barrier()
     if args.phase in ("sharded", "both") and world > 1:
         context_parallel(workload.model, mode=args.mode)
-        new += [r for b in args.backends for r in measure(workload, b, args, device, gpus=world)]
+        measure_backends(world)
     if rank != 0:
         return None
-    return summarize(_save_records(args, new), args, device, world)
+    return summarize(records, args, device, world)
 
 
 def summarize(records: list[dict[str, Any]], args, device: torch.device, world: int) -> dict[str, Any]:
