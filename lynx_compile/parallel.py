@@ -70,6 +70,18 @@ def _cpu_accelerator_count() -> Iterator[None]:
         torch.accelerator.device_count = count
 
 
+def _keep_output_gather_in_graph() -> None:
+    """diffusers gathers the sharded output with ``funcol.all_gather_tensor``, whose reshuffle
+    helper ``_maybe_view_chunk_cat`` torch 2.11 keeps in ``torch._utils``: a module Dynamo does
+    not trace into, so the gather would end the graph (and ``fullgraph=True`` fail) for every
+    backend. The helper is plain view / chunk / cat, so it may sit in the graph as one call."""
+    import torch.distributed._functional_collectives as functional_collectives
+
+    helper = getattr(functional_collectives, "_maybe_view_chunk_cat", None)
+    if helper is not None and helper.__module__ == "torch._utils":
+        torch._dynamo.allow_in_graph(helper)
+
+
 def context_parallel(model: torch.nn.Module, degree: int | None = None, mode: str = "ulysses") -> torch.nn.Module:
     """Shard ``model``'s tokens over ``degree`` ranks (default: the whole process group) with
     diffusers' context parallelism, then compile it as usual: ``torch.compile(model,
@@ -101,6 +113,7 @@ def context_parallel(model: torch.nn.Module, degree: int | None = None, mode: st
                              "call model.set_attention_backend('_native_cudnn') (or 'flash') first")
     with _cpu_accelerator_count():
         target.enable_parallelism(config=ContextParallelConfig(**{f"{mode}_degree": degree}))
+    _keep_output_gather_in_graph()
     return model
 
 
