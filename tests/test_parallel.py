@@ -181,3 +181,20 @@ def test_data_parallel_generation_matches_one_process(tmp_path):
         assert result["labels"] == list(range(5))
         torch.testing.assert_close(result["images"], single["images"], atol=1e-4, rtol=0)
     assert results[0]["per_rank"] == [3, 2]
+
+
+def test_generate_parallel_runs_under_torchrun(tmp_path):
+    """The documented command: torchrun, init_distributed (gloo without GPUs), one PNG from rank 0."""
+    import subprocess
+
+    out = tmp_path / "row.png"
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+         str(BENCHMARKS / "generate_parallel.py"), "--labels", "3", "1", "4", "--steps", "2", "--out", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "rank 0: 2 prompts" in run.stdout and "rank 1: 1 prompts" in run.stdout
+    from PIL import Image
+
+    assert Image.open(out).size[0] > Image.open(out).size[1]  # one row of three digits
