@@ -122,7 +122,10 @@ def run(args) -> dict[str, Any] | None:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     args.state.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
-    workload = diffusers_workload("FluxTransformer2DModel", TINY_FLUX if args.quick else FLUX_DEV, dtype=dtype, device=device)
+    config = TINY_FLUX if args.quick else FLUX_DEV
+    if args.blocks:
+        config = dict(config, num_layers=args.blocks[0], num_single_layers=args.blocks[1])
+    workload = diffusers_workload("FluxTransformer2DModel", config, dtype=dtype, device=device)
     for tensor in workload.model.state_dict().values():  # the same random weights on every rank
         dist.broadcast(tensor, src=0)
     records: list[dict[str, Any]] = []
@@ -167,7 +170,10 @@ def summarize(records: list[dict[str, Any]], args, device: torch.device, world: 
         if speedups.get(1) and speedups.get(world) and world > 1:
             kept[resolution] = {"speedup_ratio": speedups[world] / speedups[1],
                                 "gain_ratio": (speedups[world] - 1) / (speedups[1] - 1) if speedups[1] > 1 else None}
-    return {"model": "tiny Flux" if args.quick else "flux-dev (diffusers FluxTransformer2DModel, random weights)",
+    model = "tiny Flux" if args.quick else "flux-dev (diffusers FluxTransformer2DModel, random weights)"
+    if args.blocks:
+        model += f", {args.blocks[0]} double + {args.blocks[1]} single blocks"
+    return {"model": model,
             "batch": 1, "text_tokens": args.text_tokens, "mode": args.mode, "world_size": world,
             "dtype": str(torch.bfloat16 if device.type == "cuda" else torch.float32), **environment(device),
             "rows": rows, "lynx_speedup_kept": kept}
@@ -198,18 +204,24 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--phase", default="both", choices=("single", "sharded", "both"),
                         help="one GPU (rank 0), all GPUs sharded, or both; phases run apart merge through --state")
-    parser.add_argument("--state", type=Path, default=Path(tempfile.gettempdir()) / "lynx-context-parallel",
-                        help="folder keeping each phase's figures and outputs between runs")
+    parser.add_argument("--state", type=Path, default=None,
+                        help="folder keeping each phase's figures and outputs between runs (default: one per model "
+                             "under the temp folder)")
     parser.add_argument("--quick", action="store_true", help="tiny Flux at 256 and 512 px")
+    parser.add_argument("--blocks", type=int, nargs=2, metavar=("DOUBLE", "SINGLE"),
+                        help="fewer transformer blocks at flux-dev's width (19 and 38 in flux-dev): compile time "
+                             "grows with depth, per-block speed does not; recorded in the result")
     parser.add_argument("--out", type=Path, default=None, help="result JSON (default: results/context-parallel-...)")
     args = parser.parse_args()
     if args.quick and args.resolutions == [1024, 2048]:
         args.resolutions = [256, 512]
+    model_tag = ("tiny-flux" if args.quick else "flux-dev") + (f"-blocks{args.blocks[0]}-{args.blocks[1]}" if args.blocks else "")
+    args.state = args.state or Path(tempfile.gettempdir()) / f"lynx-context-parallel-{model_tag}"
     try:
         result = run(args)
         if result is not None:
             gpu = device_slug("cuda" if torch.cuda.is_available() else "cpu")
-            name = f"context-parallel-{'tiny-flux' if args.quick else 'flux-dev'}-{gpu}-x{result['world_size']}.json"
+            name = f"context-parallel-{model_tag}-{gpu}-x{result['world_size']}.json"
             path = write_json(result, args.out or ROOT / "benchmarks" / "results" / name)
             print(table(result))
             print(f"wrote {path}")
