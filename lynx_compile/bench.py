@@ -97,7 +97,8 @@ def _lora_state(workload: Workload, config: LynxConfig) -> Any:
     error column is then optimistic; benchmarks/quality.py measures quality on held-out data)."""
     from .calibrate import calibrate
 
-    return calibrate(workload.model, [(workload.args, workload.kwargs)], replace(config, compensation="norm"))
+    # The bench ranks no layers, so the whole-model sensitivity pass would be wasted forwards.
+    return calibrate(workload.model, [(workload.args, workload.kwargs)], config, model_batches=0)
 
 
 def _compiler(backend: str, config: LynxConfig, workload: Workload) -> tuple[Callable, LynxBackend | None]:
@@ -178,10 +179,10 @@ def _sampling_loop(fn: Callable, workload: Workload, steps: int, device: torch.d
 
 def table(rows: list[Row]) -> str:
     base = next((r.latency_ms for r in rows if r.backend == "inductor" and r.latency_ms), None)
+    fmt = lambda v, f: "-" if v is None else format(v, f)
     out = []
     for r in rows:
         speedup = f"{base / r.latency_ms:.2f}x" if base and r.latency_ms else "-"
-        fmt = lambda v, f: "-" if v is None else format(v, f)
         out.append((r.backend, r.status if r.status == "ok" else f"FAILED: {r.error}", fmt(r.latency_ms, ".2f"), speedup,
                     fmt(r.compile_s, ".1f"), fmt(r.peak_mem_gib, ".2f"), fmt(r.rel_error, ".2e"),
                     fmt(r.linear_time_share, ".0%"), fmt(r.sampling_s, ".2f"), r.sparse_layers or "-"))

@@ -155,8 +155,7 @@ class Compensation(Mapping):
 
     def config(self, **overrides: Any) -> LynxConfig:
         """A ``LynxConfig`` running these factors on the layers they were calibrated for."""
-        selection = {k: (frozenset(v) if k == "sparse_roles" else v) for k, v in self.selection.items()}
-        return LynxConfig(**{**selection, "compensation": "lora", "compensation_state": self, "sensitivity": self, **overrides})
+        return LynxConfig(**{**self.selection, "compensation": "lora", "compensation_state": self, "sensitivity": self, **overrides})
 
     def table(self, tablefmt: str = "simple") -> str:
         whole = all(l.model_error_norm is not None for l in self.layers.values())
@@ -242,8 +241,9 @@ class _Reservoir:
             self.rows[slots.to(self.rows.device)] = rest[accepted[last].to(rest.device)]
             self.seen += rest.shape[0]
 
-    def sample(self) -> Tensor:
-        return self.rows[: self.filled]
+    def sample(self) -> Tensor | None:
+        """The kept rows; None when the layer saw none."""
+        return None if self.rows is None else self.rows[: self.filled]
 
 
 def _last_per_slot(slots: Tensor) -> tuple[Tensor, Tensor]:
@@ -376,7 +376,7 @@ def calibrate(
         module = modules.get(layer.name)
         if isinstance(module, nn.Linear):
             selected[layer.name] = module
-        elif layer.name not in selected:
+        else:
             log.warning("calibrate: sparse layer %s is not an nn.Linear module; it gets no LoRA (norm only)", layer.name)
     if not selected:
         raise ValueError(
@@ -396,10 +396,10 @@ def calibrate(
         with torch.no_grad():
             for batch in show_progress(_chain(first, iterator), progress, desc="lynx calibrate: capture", unit="batch"):
                 args, kwargs = _call_args(batch)
-                model(*args, **kwargs)
+                output = model(*args, **kwargs)  # the pre-hooks only read: this is the dense output
                 batches_seen += 1
                 if len(kept_batches) < model_batches:
-                    kept_batches.append((args, kwargs))
+                    kept_batches.append((args, kwargs, output))
     finally:
         for handle in handles:
             handle.remove()
@@ -430,11 +430,11 @@ def _output_error(output: Any, reference: Any) -> float:
     return (diff / norm) ** 0.5 if norm > 0 else (0.0 if diff == 0 else float("inf"))
 
 
-def _measure_model_errors(model: nn.Module, batches: list[tuple[tuple, dict]], selected: dict[str, nn.Linear],
+def _measure_model_errors(model: nn.Module, batches: list[tuple[tuple, dict, Any]], selected: dict[str, nn.Linear],
                           layers: dict[str, LayerCalibration], config: LynxConfig, progress: bool) -> dict[str, LayerCalibration]:
-    """Each layer sparse alone (a forward hook swaps its output): the whole model's error per layer."""
+    """Each layer sparse alone (a forward hook swaps its output): the whole model's error per
+    layer, against the dense outputs the capture pass kept with each batch."""
     with torch.no_grad():
-        dense = [model(*args, **kwargs) for args, kwargs in batches]
         measured = {}
         for name in show_progress(list(selected), progress, desc="lynx calibrate: whole-model error", unit="layer"):
             module, layer = selected[name], layers[name]
@@ -449,13 +449,13 @@ def _measure_model_errors(model: nn.Module, batches: list[tuple[tuple, dict]], s
 
                 handle = module.register_forward_hook(sparse_output)
                 try:
-                    outputs = [model(*args, **kwargs) for args, kwargs in batches]
+                    outputs = [model(*args, **kwargs) for args, kwargs, _ in batches]
                 finally:
                     handle.remove()
-                errors[compensation] = sum(_output_error(o, d) for o, d in zip(outputs, dense)) / len(batches)
+                errors[compensation] = sum(_output_error(o, dense) for o, (_, _, dense) in zip(outputs, batches)) / len(batches)
             measured[name] = replace(layer, model_error_norm=errors["norm"], model_error_lora=errors["lora"])
             log.info("calibrate %s: whole-model error norm %.4f, norm+LoRA %.4f", name, errors["norm"], errors["lora"])
-    return {**layers, **measured}
+    return measured
 
 
 def _chain(first: Any, rest: Iterator[Any]) -> Iterator[Any]:

@@ -18,7 +18,9 @@ kernel's dense operand as is. Importing this module registers the CUDA implement
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import functools
 import hashlib
 import os
 import subprocess
@@ -328,6 +330,7 @@ _TUNED: dict[tuple[int, int, int], tuple[str, int, int]] = {
 }
 
 
+@functools.lru_cache(maxsize=None)  # on every sparse_linear call; a pure function of the shape
 def _heuristic(dtype: torch.dtype, M: int, N: int, K: int) -> tuple[str, int, int]:
     """(config name, swizzle, raster): the tuned entry, else a rule fitted to the tuned shapes.
 
@@ -342,10 +345,7 @@ def _heuristic(dtype: torch.dtype, M: int, N: int, K: int) -> tuple[str, int, in
             hit = ("128x128_c1x2_pp" if K <= 2048 else "128x128_c1x2_coop", 1, 1)
         else:
             hit = ("256x128_c2x1_coop", 1, 1)
-    name = f"{prefix}_{hit[0]}"
-    if name not in gemm_configs():  # fp16 has fewer configurations
-        name = f"{prefix}_256x128_c2x1_coop" if hit[0].startswith("256") else f"{prefix}_128x128_c1x2_coop"
-    return name, hit[1], hit[2]
+    return f"{prefix}_{hit[0]}", hit[1], hit[2]
 
 
 def choose_config(dtype: torch.dtype, M: int, N: int, K: int, has_c: bool = False) -> tuple[int, int, int]:
@@ -510,13 +510,11 @@ def sparse_linear_cuda(x: Tensor, weight: Tensor, bias: Tensor | None, n: int, m
     c = None
     if lora_down is not None and lora_up is not None:
         c = (x2 @ lora_down.to(x.dtype).t()) @ lora_up.to(x.dtype).t()
-    if x.device.index == torch.cuda.current_device():
+    # The library launches on the calling thread's current device; switch only when it differs.
+    on_device = contextlib.nullcontext() if x.device.index == torch.cuda.current_device() else torch.cuda.device(x.device)
+    with on_device:
         values, meta, scale = compress_2to4(x2, norm_compensation, eps)
         sparse_mm_compressed(values, meta, scale, weight, bias, c, out=out)
-    else:
-        with torch.cuda.device(x.device):  # the library launches on the calling thread's current device
-            values, meta, scale = compress_2to4(x2, norm_compensation, eps)
-            sparse_mm_compressed(values, meta, scale, weight, bias, c, out=out)
     return out.reshape(*lead, N)
 
 

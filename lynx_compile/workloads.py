@@ -62,11 +62,6 @@ def _family(name: str) -> str:
     return "dit" if name.startswith("dit-") else name
 
 
-def _cfg_batch(batch: int, cfg: bool) -> int:
-    # Classifier-free guidance runs the conditional and unconditional batch in one forward.
-    return 2 * batch if cfg else batch
-
-
 def builtin_workload(name, batch=None, resolution=None, text_tokens=None, dtype=torch.float32, device="cpu",
                      quick=False, cfg=None, **overrides) -> Workload:
     family = _family(name)
@@ -85,8 +80,8 @@ def builtin_workload(name, batch=None, resolution=None, text_tokens=None, dtype=
         args = models.example_inputs(model, batch=n, resolution=resolution, text_tokens=text_tokens, dtype=dtype, device=device)
         return args, {}
 
-    batch = _cfg_batch(batch, cfg)
-    shape = f"{resolution}px, batch {batch // 2 if cfg else batch}{' x2 (CFG)' if cfg else ''}"
+    shape = f"{resolution}px, batch {batch}{' x2 (CFG)' if cfg else ''}"
+    batch = 2 * batch if cfg else batch  # guidance runs the conditional and unconditional batch in one forward
     return Workload(name, model, make_inputs(batch)[0], {}, shape, batch, make_inputs)
 
 
@@ -196,10 +191,8 @@ def load_workload(args: argparse.Namespace) -> Workload:
 
 def add_workload_arguments(parser: argparse.ArgumentParser, default_model: str | None = None) -> None:
     group = parser.add_argument_group("model and inputs")
-    if default_model is None:
-        group.add_argument("model", help=f"built-in name ({', '.join(models.NAMES)}), module:factory, or a diffusers class")
-    else:
-        group.add_argument("--model", default=default_model, help=f"built-in name ({', '.join(models.NAMES)}), module:factory, or a diffusers class")
+    group.add_argument("model" if default_model is None else "--model", default=default_model,
+                       help=f"built-in name ({', '.join(models.NAMES)}), module:factory, or a diffusers class")
     group.add_argument("--config", help="diffusers config.json, with a diffusers class as the model")
     group.add_argument("--batch", type=int, help="images per forward (before CFG doubling)")
     group.add_argument("--resolution", type=int, help="image resolution in pixels")

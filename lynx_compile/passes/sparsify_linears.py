@@ -33,8 +33,8 @@ def sparsify_linears(gm: fx.GraphModule, ctx: PassContext) -> None:
     lora_factors = config.compensation_state or {}
     graph = gm.graph
     sparse_names = [n.meta["lynx"].name for n in graph.nodes if is_linear(n) and n.meta.get("lynx") is not None
-                    and n.meta["lynx"].decision == "sparse"]
-    if config.compensation == "lora" and lora_factors and sparse_names and not set(sparse_names) & set(lora_factors):
+                    and n.meta["lynx"].decision == "sparse"] if config.compensation == "lora" and lora_factors else []
+    if sparse_names and not set(sparse_names) & set(lora_factors):
         # Factors for none of the layers: a state calibrated on another model, not a partial one.
         raise ValueError(
             f"lynx: compensation_state has LoRA factors for none of this graph's {len(sparse_names)} sparse layer(s) "
