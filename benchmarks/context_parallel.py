@@ -26,6 +26,7 @@ it keeps.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import tempfile
@@ -151,7 +152,12 @@ def run(args) -> dict[str, Any] | None:
 
 def summarize(records: list[dict[str, Any]], args, device: torch.device, world: int) -> dict[str, Any]:
     find = {(r["gpus"], r["backend"], r["resolution"]): r for r in records}
-    output = lambda r: torch.load(_output_path(args, r["gpus"], r["backend"], r["resolution"]))
+
+    @functools.cache  # each output is compared with up to two others
+    def load(key: tuple[int, str, int]) -> torch.Tensor:
+        return torch.load(_output_path(args, *key))
+
+    output = lambda r: load((r["gpus"], r["backend"], r["resolution"]))
     rows = []
     for record in sorted(records, key=lambda r: (r["gpus"], BACKENDS.index(r["backend"]), r["resolution"])):
         row = dict(record)

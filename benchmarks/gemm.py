@@ -22,6 +22,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lynx_compile import kernels, ops  # noqa: E402
+from lynx_compile.calibrate import relative_error  # noqa: E402
 from lynx_compile.results import slug, write_json  # noqa: E402
 
 SHAPES = [  # (M, K, N)
@@ -59,10 +60,6 @@ def bench_graph(fn, warmup: int = 3, min_graph_ms: float = 0.5, rep: int = 150) 
     ms = do_bench(g.replay, warmup=25, rep=rep, return_mode="median") / reps
     del g
     return ms
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def copy_bandwidth() -> float:
@@ -116,7 +113,7 @@ def run_shape(M, K, N, dtype, tune: bool) -> dict:
     y = torch.ops.lynx.sparse_linear(x, w, b, 2, 4, True)
     kept, s = ops.sparsify_reference(x, 2, 4, True, ops.NORM_EPS)
     ref = (kept.float() @ w.float().t()) * s + b.float()
-    row["rel_err"] = rel_err(y, ref)
+    row["rel_err"] = relative_error(y, ref)
     row["nonfinite"] = int((~torch.isfinite(y)).sum().item())
 
     if tune:

@@ -56,6 +56,7 @@ from train_dit import CHECKPOINT, NULL_CLASS, RESULTS, SCHEDULE, heldout_loss, l
 
 from lynx_compile import LynxBackend, LynxConfig, explain  # noqa: E402
 from lynx_compile.diffusion import NoiseSchedule, ddim_sample  # noqa: E402
+from lynx_compile.calibrate import relative_error  # noqa: E402
 from lynx_compile.ops import keep_mask  # noqa: E402
 
 
@@ -121,11 +122,6 @@ VARIANTS = (
     Variant(f"act 2:4 + norm, B={DENSE_FLOP_BUDGET:g} by model error", "activation", "2:4", "norm", DENSE_FLOP_BUDGET, "model"),
     Variant(f"act 2:4 + norm + LoRA, B={DENSE_FLOP_BUDGET:g} by model error", "activation", "2:4", "lora", DENSE_FLOP_BUDGET, "model"),
 )
-
-
-def relative_error(output: Tensor, reference: Tensor) -> float:
-    reference = reference.double()
-    return ((output.double() - reference).norm() / reference.norm()).item()
 
 
 def psnr(images: Tensor, reference: Tensor) -> Tensor:
@@ -526,9 +522,10 @@ def main() -> None:
     if args.device == "cpu":
         torch.set_num_threads(min(2, torch.get_num_threads()))
     output = run(QUICK if args.quick else Settings(), args.device)
-    print(table(output))
     found = findings(output)
-    print(findings_text(found))
+    table_text, findings_lines = table(output), findings_text(found)
+    print(table_text)
+    print(findings_lines)
     if args.no_save:
         return
     device_name = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu"
@@ -539,7 +536,7 @@ def main() -> None:
         "quick": args.quick,
         "checkpoint": str(CHECKPOINT.relative_to(CHECKPOINT.parents[2])),
         "findings": found,
-        "table": table(output),
+        "table": table_text,
         **json_ready(output),
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -550,7 +547,7 @@ def main() -> None:
         f"# Quality of lynx variants on the digits DiT ({device_name}, {payload['date']})\n\n"
         f"`python benchmarks/quality.py{' --quick' if args.quick else ''} --device {args.device}`, torch {torch.__version__}, "
         f"settings `{json.dumps(output['settings'])}`, sparse layers: {', '.join(output['layers'])}.\n\n"
-        f"{payload['table']}\n\n## Findings\n\n{findings_text(found)}\n"
+        f"{table_text}\n\n## Findings\n\n{findings_lines}\n"
     )
     if output["single_layer_eps_error"]:
         from tabulate import tabulate
