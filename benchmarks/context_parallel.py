@@ -14,8 +14,11 @@ weights (identical on every rank), batch 1, 512 text tokens. Two phases:
 figures meet in ``--state`` on the same machine.
 
 In each phase every backend compiles once (``dynamic=True``: the second resolution must not
-recompile) and is timed per resolution: median of ``--repeat`` forwards after ``--warmup``, CUDA
-events, the slowest rank's median. Also recorded: lynx's relative error against inductor, and the
+recompile) and is timed per resolution. ``--compile blocks`` (the default) compiles each
+transformer block class on its own with diffusers' ``compile_repeated_blocks``, as diffusers
+advises for Flux: the whole flux-dev graph takes Inductor over three minutes per backend and
+phase, a block a fraction of that. ``--compile whole`` compiles the whole model. Each backend is timed: median of ``--repeat`` forwards after ``--warmup``, CUDA
+events, the slowest rank's median (each rank's is recorded too). Also recorded: lynx's relative error against inductor, and the
 sharded output's error against the unsharded one of the same backend.
 
 Writes ``results/context-parallel-<model>-<gpu>-x<N>.json`` and prints a table with each
@@ -57,17 +60,26 @@ TINY_FLUX = dict(FLUX_DEV, num_layers=1, num_single_layers=1, attention_head_dim
 BACKENDS = ("inductor", "lynx")
 
 
-def _slowest(value: float, group: bool) -> float:
-    """The slowest rank's figure: a sharded forward ends when its last rank does."""
+def _per_rank(value: float, group: bool) -> list[float]:
+    """Every rank's figure, in rank order (a sharded forward ends when its last rank does)."""
     if not group:
-        return value
-    tensor = torch.tensor([value], dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return tensor.item()
+        return [value]
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    gathered = torch.zeros(dist.get_world_size(), dtype=torch.float64, device=device)
+    dist.all_gather_into_tensor(gathered, torch.tensor([value], dtype=torch.float64, device=device))
+    return gathered.tolist()
 
 
 def _relative_error(output: torch.Tensor, reference: torch.Tensor) -> float:
     return ((output.float() - reference.float()).norm() / reference.float().norm()).item()
+
+
+def _settled(output: torch.Tensor) -> torch.Tensor:
+    """The model's output as a plain tensor. Compiled by blocks, diffusers' output gather runs
+    eagerly and hands back an ``AsyncCollectiveTensor`` still waiting on its collective."""
+    from torch.distributed._functional_collectives import AsyncCollectiveTensor
+
+    return output.wait() if isinstance(output, AsyncCollectiveTensor) else output
 
 
 def measure(workload, backend: str, args, device: torch.device, gpus: int) -> list[dict[str, Any]]:
@@ -75,7 +87,11 @@ def measure(workload, backend: str, args, device: torch.device, gpus: int) -> li
     outputs go to the state folder for the error columns."""
     torch._dynamo.reset()
     lynx = lynx_compile.backend() if backend == "lynx" else None
-    compiled = torch.compile(workload.model, backend=lynx or backend, dynamic=True)
+    if args.compile == "blocks":  # compiles in place; a later backend's call replaces this one
+        workload.model.model.compile_repeated_blocks(backend=lynx or backend, dynamic=True)
+        compiled = workload.model
+    else:
+        compiled = torch.compile(workload.model, backend=lynx or backend, dynamic=True)
     from torch._dynamo.utils import counters
 
     counters.clear()
@@ -84,20 +100,46 @@ def measure(workload, backend: str, args, device: torch.device, gpus: int) -> li
         for index, resolution in enumerate(args.resolutions):
             kwargs = workload.make_inputs(1, resolution=resolution, text_tokens=args.text_tokens)[1]
             start = time.perf_counter()
-            output = compiled(**kwargs)
+            output = _settled(compiled(**kwargs))
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             first_call_s = time.perf_counter() - start
-            median = _slowest(median_ms(lambda: compiled(**kwargs), device, args.warmup, args.repeat), gpus > 1)
+            per_rank = _per_rank(median_ms(lambda: _settled(compiled(**kwargs)), device, args.warmup, args.repeat), gpus > 1)
+            median = max(per_rank)
+            if args.profile:  # every rank of a sharded forward has to take part; rank 0 writes
+                path = args.state / f"profile-{gpus}-{backend}-{resolution}.txt"
+                _profile(lambda: _settled(compiled(**kwargs)), path if dist.get_rank() == 0 else None)
             records.append({"gpus": gpus, "backend": backend, "resolution": resolution, "median_ms": median,
+                            "rank_median_ms": per_rank,
                             "compile_s" if index == 0 else "first_call_s": first_call_s})
             if dist.get_rank() == 0:  # as it goes: a run cut short still shows its figures
                 torch.save(output.cpu(), _output_path(args, gpus, backend, resolution))
-                print(f"[{gpus} GPU] {backend} {resolution}px: {median:.2f} ms (first call {first_call_s:.1f} s)", flush=True)
+                print(f"[{gpus} GPU] {backend} {resolution}px: {median:.2f} ms, per rank {[round(t, 2) for t in per_rank]} "
+                      f"(first call {first_call_s:.1f} s)", flush=True)
     for record in records:
         record["graphs"] = counters["stats"]["unique_graphs"]
         record["sparse_layers"] = f"{len(lynx.report.sparse)}/{len(lynx.report.layers)}" if lynx else None
     return records
+
+
+def _profile(forward, path: Path | None) -> None:
+    """One forward under the profiler: GPU time per kernel, and the host's time to issue it."""
+    from torch.profiler import ProfilerActivity, profile
+
+    gpu = torch.cuda.is_available()
+    sync = torch.cuda.synchronize if gpu else (lambda: None)
+    sync()
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])) as prof:
+        start = time.perf_counter()
+        forward()
+        issued = time.perf_counter() - start
+        sync()
+        done = time.perf_counter() - start
+    if path is None:
+        return
+    table = prof.key_averages().table(sort_by="cuda_time_total" if gpu else "cpu_time_total", row_limit=30, max_name_column_width=70)
+    path.write_text(f"host issue {issued * 1e3:.1f} ms, until GPU done {done * 1e3:.1f} ms\n{table}\n")
+    print(f"profile: host issue {issued * 1e3:.1f} ms, until GPU done {done * 1e3:.1f} ms -> {path}", flush=True)
 
 
 def _output_path(args, gpus: int, backend: str, resolution: int) -> Path:
@@ -179,7 +221,8 @@ def summarize(records: list[dict[str, Any]], args, device: torch.device, world: 
     model = "tiny Flux" if args.quick else "flux-dev (diffusers FluxTransformer2DModel, random weights)"
     if args.blocks:
         model += f", {args.blocks[0]} double + {args.blocks[1]} single blocks"
-    return {"model": model,
+    compiled = {"blocks": "each block class on its own (diffusers compile_repeated_blocks)", "whole": "whole model"}
+    return {"model": model, "compile": compiled[args.compile],
             "batch": 1, "text_tokens": args.text_tokens, "mode": args.mode, "world_size": world,
             "dtype": str(torch.bfloat16 if device.type == "cuda" else torch.float32), **environment(device),
             "rows": rows, "lynx_speedup_kept": kept}
@@ -217,11 +260,16 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, nargs=2, metavar=("DOUBLE", "SINGLE"),
                         help="fewer transformer blocks at flux-dev's width (19 and 38 in flux-dev): compile time "
                              "grows with depth, per-block speed does not; recorded in the result")
+    parser.add_argument("--compile", default="blocks", choices=("blocks", "whole"),
+                        help="compile each repeated block class (diffusers compile_repeated_blocks) or the whole model")
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile one forward per backend and resolution (GPU): rank 0's kernel table in --state")
     parser.add_argument("--out", type=Path, default=None, help="result JSON (default: results/context-parallel-...)")
     args = parser.parse_args()
     if args.quick and args.resolutions == [1024, 2048]:
         args.resolutions = [256, 512]
     model_tag = ("tiny-flux" if args.quick else "flux-dev") + (f"-blocks{args.blocks[0]}-{args.blocks[1]}" if args.blocks else "")
+    model_tag += "-whole" if args.compile == "whole" else ""
     args.state = args.state or Path(tempfile.gettempdir()) / f"lynx-context-parallel-{model_tag}"
     try:
         result = run(args)

@@ -61,6 +61,7 @@ _NVCC_FLAGS = [
 ]
 _DTYPES = (torch.bfloat16, torch.float16)
 _PDL = os.environ.get("LYNX_PDL", "1") != "0"  # GEMM launched with programmatic dependent launch
+_CONFIG_OVERRIDE = os.environ.get("LYNX_GEMM_CONFIG")  # name[:swizzle[:raster]], for tuning by hand
 K_MULTIPLE = 64
 N_MULTIPLE = 8
 
@@ -349,12 +350,12 @@ def _heuristic(dtype: torch.dtype, M: int, N: int, K: int) -> tuple[str, int, in
 
 
 def choose_config(dtype: torch.dtype, M: int, N: int, K: int, has_c: bool = False) -> tuple[int, int, int]:
-    """(config index, swizzle, raster) for this shape. ``LYNX_GEMM_CONFIG=name[:swizzle[:raster]]`` overrides."""
+    """(config index, swizzle, raster) for this shape. ``LYNX_GEMM_CONFIG=name[:swizzle[:raster]]``, set
+    before import, overrides."""
     cfgs = gemm_configs()
     prefix = "bf16" if dtype == torch.bfloat16 else "fp16"
-    override = os.environ.get("LYNX_GEMM_CONFIG")
-    if override:
-        parts = override.split(":")
+    if _CONFIG_OVERRIDE:
+        parts = _CONFIG_OVERRIDE.split(":")
         name, swz, ras = parts[0], int(parts[1]) if len(parts) > 1 else 1, int(parts[2]) if len(parts) > 2 else 0
     else:
         name, swz, ras = _heuristic(dtype, M, N, K)
@@ -401,8 +402,15 @@ def _aligned(t: Tensor) -> Tensor:
     return t
 
 
+@functools.lru_cache(maxsize=4096)  # per call of every sparse layer: host time is what small GEMMs lack
+def _gemm_plan(dtype: torch.dtype, M: int, N: int, K: int, has_c: bool, dev: int) -> tuple[int, int, int, int]:
+    """(config index, swizzle, raster, workspace bytes) of one GEMM shape on one device."""
+    cfg, swz, ras = choose_config(dtype, M, N, K, has_c)
+    return cfg, swz, ras, int(_load().lynx_sparse_gemm_workspace(cfg, M, N, K, _sm_count(dev)))
+
+
 def compress_2to4(x2d: Tensor, norm_compensation: bool = True, eps: float = ops.NORM_EPS,
-                  _swap_nibbles: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+                  _swap_nibbles: bool = False, *, stream: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """2:4-sparsify a (M, K) bf16/fp16 CUDA tensor in one pass (K a multiple of 16; call on x's device).
 
     Returns ``(values (M, K/2), metadata (bytes, CUTLASS sm90 layout), scale (M,) fp32)``.
@@ -415,7 +423,7 @@ def compress_2to4(x2d: Tensor, norm_compensation: bool = True, eps: float = ops.
     meta = torch.empty((metadata_bytes(M, K),), dtype=torch.uint8, device=x2d.device)
     scale = torch.empty((M,), dtype=torch.float32, device=x2d.device)
     if M > 0:
-        stream = torch.cuda.current_stream(x2d.device).cuda_stream
+        stream = torch.cuda.current_stream(x2d.device).cuda_stream if stream is None else stream
         rc = lib.lynx_sparsify_2to4(int(x2d.dtype == torch.bfloat16), x2d.data_ptr(), K, M, K, values.data_ptr(),
                                     meta.data_ptr(), scale.data_ptr(), int(norm_compensation), float(eps),
                                     int(_swap_nibbles), stream)
@@ -435,11 +443,12 @@ def _workspace(dev: int, nbytes: int) -> Tensor | None:
 
 def sparse_mm_compressed(values: Tensor, meta: Tensor, scale: Tensor | None, weight: Tensor, bias: Tensor | None = None,
                          c: Tensor | None = None, out: Tensor | None = None,
-                         config: tuple[int, int, int] | None = None, pdl: bool | None = None) -> Tensor:
+                         config: tuple[int, int, int] | None = None, *, stream: int | None = None) -> Tensor:
     """``scale[:, None] * (A~ @ weight.T) + bias (+ c)`` from the compressed activation; (M, N) output.
 
     Call with the tensors' device current (``sparse_linear_cuda`` does). ``config`` = (index, swizzle, raster)
-    overrides the per-shape heuristic (see :func:`choose_config`).
+    overrides the per-shape heuristic (see :func:`choose_config`); ``stream`` (a ``cudaStream_t``)
+    the current stream.
     """
     lib = _load()
     assert lib is not None, _lib_error
@@ -452,19 +461,23 @@ def sparse_mm_compressed(values: Tensor, meta: Tensor, scale: Tensor | None, wei
         return out
     weight = _aligned(weight)
     if bias is not None:
-        bias = _aligned(bias.to(values.dtype))
+        bias = _aligned(bias if bias.dtype == values.dtype else bias.to(values.dtype))
     if c is not None:
-        c = _aligned(c.to(values.dtype))
-    cfg, swz, ras = config if config is not None else choose_config(values.dtype, M, N, K, c is not None)
+        c = _aligned(c if c.dtype == values.dtype else c.to(values.dtype))
     sms = _sm_count(dev)
-    ws_bytes = int(lib.lynx_sparse_gemm_workspace(cfg, M, N, K, sms))
+    if config is None:
+        cfg, swz, ras, ws_bytes = _gemm_plan(values.dtype, M, N, K, c is not None, dev)
+    else:
+        cfg, swz, ras = config
+        ws_bytes = int(lib.lynx_sparse_gemm_workspace(cfg, M, N, K, sms))
     ws = _workspace(dev, ws_bytes)
-    stream = torch.cuda.current_stream(values.device).cuda_stream
+    if stream is None:
+        stream = torch.cuda.current_stream(values.device).cuda_stream
     rc = lib.lynx_sparse_gemm(cfg, values.data_ptr(), meta.data_ptr(), weight.data_ptr(),
                               scale.data_ptr() if scale is not None else None,
                               bias.data_ptr() if bias is not None else None,
                               c.data_ptr() if c is not None else None, out.data_ptr(), M, N, K, swz, ras, dev, sms,
-                              int(_PDL if pdl is None else pdl), ws.data_ptr() if ws is not None else None, ws.numel() if ws is not None else 0, stream)
+                              int(_PDL), ws.data_ptr() if ws is not None else None, ws.numel() if ws is not None else 0, stream)
     _check(rc, "sparse GEMM")
     return out
 
@@ -513,15 +526,16 @@ def sparse_linear_cuda(x: Tensor, weight: Tensor, bias: Tensor | None, n: int, m
     # The library launches on the calling thread's current device; switch only when it differs.
     on_device = contextlib.nullcontext() if x.device.index == torch.cuda.current_device() else torch.cuda.device(x.device)
     with on_device:
-        values, meta, scale = compress_2to4(x2, norm_compensation, eps)
-        sparse_mm_compressed(values, meta, scale, weight, bias, c, out=out)
+        stream = torch.cuda.current_stream(x.device).cuda_stream
+        values, meta, scale = compress_2to4(x2, norm_compensation, eps, stream=stream)
+        sparse_mm_compressed(values, meta, scale, weight, bias, c, out=out, stream=stream)
     return out.reshape(*lead, N)
 
 
 def _register() -> None:
     if not _cuda_ok():
         return
-    torch.library.register_kernel("lynx::sparse_linear", "cuda", sparse_linear_cuda)
+    torch.library.impl("lynx::sparse_linear", "cuda")(sparse_linear_cuda)
 
 
 try:

@@ -88,3 +88,39 @@ def test_resolution_and_text_length_changes_do_not_recompile(case):
             _, inputs = workload.make_inputs(batch, resolution, text)
             assert compiled(**inputs).shape[0] == batch
     assert backend.report.graphs == 1
+
+
+def _regional_flux():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    return diffusers_workload(*CONFIGS["flux"], batch=B, text_tokens=7)
+
+
+def test_regional_compilation_sparsifies_every_block_and_matches_the_reference():
+    """diffusers' compile_repeated_blocks: one graph per block class, run by every instance."""
+    workload = _regional_flux()
+    backend = lynx_compile.backend(min_features=0)
+    workload.model.model.compile_repeated_blocks(backend=backend, fullgraph=True, dynamic=True)
+    with torch.no_grad():
+        out = workload.model(**workload.kwargs)
+    linears = [n for n, m in workload.model.named_modules() if isinstance(m, torch.nn.Linear)]
+    sparse = [n for n in linears if re.fullmatch(f"model\\.{SPARSE['flux']}", n)]
+    # Names run from the block down: the double block's and the single block's graph.
+    assert {l.name for l in backend.report.sparse} == {re.sub(r"^model\.(single_)?transformer_blocks\.0\.", "", n) for n in sparse}
+    expected = reference_forward(workload.model, [], sparse, **workload.kwargs)
+    assert relative_error(out, expected) < 2e-3
+
+
+@pytest.mark.parametrize("setting", ["sensitivity", "compensation_state"])
+def test_regional_compilation_rejects_settings_keyed_by_the_whole_models_names(setting):
+    workload = _regional_flux()
+    q = workload.model.model.transformer_blocks[0].attn.to_q
+    name = "model.transformer_blocks.0.attn.to_q"
+    if setting == "sensitivity":
+        config = dict(sensitivity={name: 0.5}, dense_flop_budget=0.3)
+    else:
+        r = 4
+        config = dict(compensation="lora", compensation_state={name: (torch.zeros(r, q.in_features), torch.zeros(q.out_features, r))})
+    workload.model.model.compile_repeated_blocks(backend=lynx_compile.backend(min_features=0, **config), fullgraph=True)
+    with pytest.raises(Exception, match="regional compilation"), torch.no_grad():
+        workload.model(**workload.kwargs)

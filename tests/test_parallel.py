@@ -90,6 +90,24 @@ def _sharded_vs_unsharded(rank: int, init_file: str, out_dir: str, device_type: 
         dist.destroy_process_group()
 
 
+def _ring_roles(rank: int, init_file: str, out_dir: str) -> None:
+    _join(rank, init_file, torch.device("cpu"))
+    try:
+        config = lynx_compile.LynxConfig(min_features=0, speed_guard=False)
+        torch.manual_seed(0)
+        workload = diffusers_workload("FluxTransformer2DModel", TINY_FLUX, batch=2, text_tokens=8)
+        roles = lambda report: {layer.name: (layer.role, layer.decision) for layer in report.layers}
+        unsharded = roles(lynx_compile.explain(workload.model, **workload.kwargs, config=config))
+        workload.model.model.set_attention_backend("_native_cudnn")  # ring needs its log-sum-exp
+        backend = lynx_compile.LynxBackend(config, inductor=False)
+        model = torch.compile(context_parallel(workload.model, mode="ring"), backend=backend, fullgraph=True, dynamic=True)
+        with torch.no_grad(), pytest.raises(NotImplementedError, match="_scaled_dot_product_cudnn_attention"):
+            model(**workload.kwargs)  # compiled (the passes ran), but cuDNN has no CPU kernel
+        torch.save({"unsharded": unsharded, "ring": roles(backend.report)}, Path(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
 def _spawn(tmp_path: Path, fn, *args) -> list[dict]:
     mp.spawn(fn, args=(str(tmp_path / "init"), str(tmp_path), *args), nprocs=WORLD)
     return [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(WORLD)]
@@ -99,8 +117,8 @@ def _check_sharded(results: list[dict], tolerance: float) -> None:
     for rank, result in enumerate(results):
         assert all(result["shapes"]), rank  # the output is gathered back to the full sequence
         assert max(result["errors"]) < tolerance, (rank, result["errors"])
-        assert result["sparse"] == result["unsharded_sparse"] and result["sparse"], rank
         assert result["graphs"] == 1 and result["frames"] == 1 and result["graph_breaks"] == 0, result
+        assert result["sparse"] == result["unsharded_sparse"] and result["sparse"], (rank, result)
         assert result["collectives"], "the sequence exchange should be inside the compiled graph"
 
 
@@ -111,6 +129,15 @@ def test_ulysses_sharded_flux_matches_unsharded_on_cpu(tmp_path, torch_2_11_gath
     length change; also with the output gather laid out as in torch 2.11 (the GPU image's)."""
     results = _spawn(tmp_path, _sharded_vs_unsharded, "cpu", "ulysses", (2, 3), torch_2_11_gather)
     _check_sharded(results, tolerance=1e-5)
+
+
+def test_ring_attention_graph_gets_the_unsharded_roles(tmp_path):
+    """Ring attention merges partial outputs by log-sum-exp (a sigmoid among them) and gathers
+    k/v through collectives: the output projection must still read as attention output (dense),
+    not as an MLP's down projection, and the final layer as final. Traced on CPU: cuDNN, which
+    ring needs, then has no CPU kernel to run."""
+    for result in _spawn(tmp_path, _ring_roles):
+        assert result["ring"] == result["unsharded"]
 
 
 @pytest.mark.gpu

@@ -15,9 +15,9 @@ D = 256
 class Block(nn.Module):
     """One DiT-style block with every role the selector knows."""
 
-    def __init__(self, d=D, heads=4):
+    def __init__(self, d=D, heads=4, attention=F.scaled_dot_product_attention):
         super().__init__()
-        self.heads = heads
+        self.heads, self.attention = heads, attention
         self.t_in = nn.Linear(64, d)
         self.adaLN = nn.Linear(d, 2 * d)
         self.embed = nn.Linear(32, d)
@@ -35,7 +35,7 @@ class Block(nn.Module):
         h = self.norm(x) * (1 + scale[:, None]) + shift[:, None]
         b, n, d = h.shape
         q, k, v = self.qkv(h).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
-        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, d)
+        a = self.attention(q, k, v).transpose(1, 2).reshape(b, n, d)
         x = x + self.proj(a)
         x = x + self.fc2(F.gelu(self.fc1(self.norm(x)), approximate="tanh"))
         return self.head(self.norm(x))
@@ -56,7 +56,16 @@ def decisions(report):
     return {layer.name: (layer.role, layer.decision) for layer in report.layers}
 
 
-def test_roles_are_read_from_structure(block):
+def _aten_attention(q, k, v):
+    # What diffusers' "_native_cudnn" backend does, with the kernel that runs on CPU.
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v)[0]
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "aten kernel"])
+def test_roles_are_read_from_structure(block, attention):
+    if attention == "aten kernel":
+        block = Block(attention=_aten_attention).eval()
+        block.load_state_dict(Block().state_dict())
     report = lynx_compile.explain(block, *example())
     assert decisions(report) == {
         "t_in": ("conditioning", "dense"),

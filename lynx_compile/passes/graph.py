@@ -23,7 +23,8 @@ def op_name(node: fx.Node) -> str:
     if node.op == "call_method":
         return str(node.target)
     if node.op == "call_function":
-        return getattr(node.target, "__name__", str(node.target)).lower()
+        # An aten overload is named "op.overload" (``_scaled_dot_product_cudnn_attention.default``).
+        return getattr(node.target, "__name__", str(node.target)).split(".")[0].lower()
     return node.op
 
 
@@ -59,6 +60,21 @@ def qualified_name(source_name: str) -> str:
         rest = "." + rest
     parts = [next(p for p in match.groups() if p is not None) for match in _PART.finditer(rest)]
     return ".".join(p for p in parts if p not in _NOT_MODULE_LEVELS)
+
+
+def submodule_names_hint(names: list[str], keys: Any) -> str:
+    """Why layer ``names`` may all miss a mapping keyed by ``keys`` (empty if no reason is seen).
+
+    Regional compilation (diffusers' ``compile_repeated_blocks``, ``block.compile()``) gives
+    lynx one graph per block class, named from the block down ("attn.to_q"), and runs it for
+    every instance of the block: settings keyed by the whole model's names cannot apply there.
+    """
+    keys = list(keys)
+    if any(name in keys for name in names) or not any(key.endswith("." + name) for name in names for key in keys):
+        return ""
+    return (" This graph's layer names are the tail of those keys: it is a submodule compiled on its own (regional "
+            "compilation, e.g. diffusers' compile_repeated_blocks), one graph shared by every instance of the block, so "
+            "per-layer settings of the whole model cannot apply; compile the whole model (torch.compile(model, ...)).")
 
 
 _NOT_MODULE_LEVELS = {"_orig_mod", "__dict__", "_modules", "_parameters", "_buffers"}

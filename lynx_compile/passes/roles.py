@@ -27,7 +27,13 @@ import torch.fx as fx
 from .graph import PassContext, op_name, tensor_rank
 
 LINEAR_OPS = {"linear", "matmul", "mm", "bmm", "addmm", "baddbmm", "conv1d", "conv2d", "conv3d", "__matmul__"}
-ATTENTION_OPS = {"scaled_dot_product_attention", "flash_attn_func", "flex_attention"}
+ATTENTION_OPS = {
+    "scaled_dot_product_attention", "flash_attn_func", "flex_attention",
+    # The aten kernels that diffusers' attention backends (e.g. "_native_cudnn", which ring
+    # attention needs) call directly; query, key and value come first in each.
+    "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+    "_scaled_dot_product_flash_attention_for_cpu", "_flash_attention_forward", "_efficient_attention_forward",
+}
 ACTIVATIONS = {"gelu", "silu", "relu", "relu_", "mish", "hardswish", "leaky_relu", "sigmoid", "softplus", "elu", "selu", "celu", "quick_gelu", "gelu_tanh", "relu6", "glu"}
 NORMS = {"layer_norm", "rms_norm", "group_norm", "batch_norm", "instance_norm", "rsqrt", "normalize"}
 LAYOUT = {
@@ -35,7 +41,11 @@ LAYOUT = {
     "unsqueeze", "expand", "getitem", "chunk", "split", "split_with_sizes", "unbind", "tensor_split", "narrow", "select",
     "movedim", "swapaxes", "swapdims", "to", "float", "half", "bfloat16", "type", "type_as", "clone",
     "dropout", "cat", "concat", "concatenate", "stack", "einsum", "identity", "repeat", "view_as",
+    # Context parallelism moves tokens between ranks with functional collectives.
+    "all_gather_into_tensor", "all_to_all_single", "wait_tensor", "_maybe_view_chunk_cat",
 }
+# Ring attention merges the partial outputs of each pass by their log-sum-exp.
+LSE_MERGE = {"sub", "__sub__", "mul", "__mul__", "add", "__add__", "sigmoid", "exp", "log", "logsigmoid", "neg", "softplus"}
 GATING = {"mul", "__mul__", "imul", "add", "__add__", "sub", "tanh", "pow", "div", "truediv"}
 _MAX_HOPS = 24
 
@@ -89,6 +99,15 @@ def _is_attention_input(node: fx.Node, came_from: fx.Node) -> bool:
     return False
 
 
+def _is_mlp_activation(node: fx.Node) -> bool:
+    """An activation applied to a linear layer's output: the hidden layer of an MLP (not, say,
+    the sigmoid with which ring attention merges its partial outputs)."""
+    if op_name(node) not in ACTIVATIONS:
+        return False
+    return any(op_name(a) in LINEAR_OPS or _search(a, _inputs, LAYOUT, lambda n, _: op_name(n) in LINEAR_OPS, 4)
+               for a in node.all_input_nodes)
+
+
 def _is_attention_output(node: fx.Node) -> bool:
     if op_name(node) in ATTENTION_OPS:
         return True
@@ -125,8 +144,8 @@ class RoleAnalysis:
             return "final"
         if _search(linear, _users, LAYOUT, lambda n, _: op_name(n) in ACTIVATIONS, 8):
             return "mlp_up"
-        if op_name(x) in ACTIVATIONS or _search(x, _inputs, LAYOUT | GATING, lambda n, _: op_name(n) in ACTIVATIONS, 8):
+        if _is_mlp_activation(x) or _search(x, _inputs, LAYOUT | GATING, lambda n, _: _is_mlp_activation(n), 8):
             return "mlp_down"
-        if _is_attention_output(x) or _search(x, _inputs, LAYOUT, lambda n, _: _is_attention_output(n), 8):
+        if _is_attention_output(x) or _search(x, _inputs, LAYOUT | LSE_MERGE, lambda n, _: _is_attention_output(n), 12):
             return "attn_out"
         return "other"

@@ -18,7 +18,7 @@ import torch.fx as fx
 
 from ..config import LynxConfig
 from ..report import LayerDecision
-from .graph import PassContext, fake_value, op_name, qualified_name
+from .graph import PassContext, fake_value, op_name, qualified_name, submodule_names_hint
 from .roles import RoleAnalysis
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -125,6 +125,10 @@ def keep_sensitive_dense(layers: list[LayerDecision], config: LynxConfig) -> Non
     if config.max_layer_error is None and config.dense_flop_budget is None:
         return
     candidates = [layer for layer in layers if layer.decision == "sparse"]
+    hint = submodule_names_hint([layer.name for layer in candidates], config.sensitivity)
+    if hint:
+        raise ValueError(f"lynx: the sensitivity has no entry for any of this graph's {len(candidates)} sparse "
+                         f"candidate layer(s) (e.g. {candidates[0].name!r}).{hint}")
     total = sum(_flops(layer) for layer in candidates)
     budget = None if config.dense_flop_budget is None else config.dense_flop_budget * total
     spent = 0

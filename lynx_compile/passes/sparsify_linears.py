@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from .graph import PassContext, fake_value, set_fake_value
+from .graph import PassContext, fake_value, set_fake_value, submodule_names_hint
 from .select_linears import is_linear
 
 
@@ -38,7 +38,8 @@ def sparsify_linears(gm: fx.GraphModule, ctx: PassContext) -> None:
         # Factors for none of the layers: a state calibrated on another model, not a partial one.
         raise ValueError(
             f"lynx: compensation_state has LoRA factors for none of this graph's {len(sparse_names)} sparse layer(s) "
-            f"(e.g. {sparse_names[0]!r}; the state has {sorted(lora_factors)[:3]!r}...): calibrated on another model?"
+            f"(e.g. {sparse_names[0]!r}; the state has {sorted(lora_factors)[:3]!r}...): "
+            + (submodule_names_hint(sparse_names, lora_factors).strip() or "calibrated on another model?")
         )
     for node in list(graph.nodes):
         decision = node.meta.get("lynx")
