@@ -15,7 +15,6 @@ sparsified each way (compiled by the lynx backend, passes only). Writes
 from __future__ import annotations
 
 import argparse
-import datetime
 import logging
 import platform
 import sys
@@ -29,15 +28,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import lynx_compile  # noqa: E402
 from lynx_compile import LynxConfig  # noqa: E402
-from lynx_compile.results import slug, write_json  # noqa: E402
+from lynx_compile.bench import synchronize  # noqa: E402
 from lynx_compile.models import build, example_inputs  # noqa: E402
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+from lynx_compile.results import device_slug, environment, write_json  # noqa: E402
+from lynx_compile.workloads import DTYPES  # noqa: E402
 
 
 def model_output_errors(model, batches, comp) -> dict[str, float]:
@@ -81,7 +75,6 @@ def main() -> None:
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     n_batches = args.batches or (32 if device.type == "cuda" else 16)
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
     torch.manual_seed(0)
     with torch.device(device):
@@ -115,12 +108,9 @@ def main() -> None:
     result = {
         "model": args.model,
         "depth": args.depth,
-        "device": device_name,
+        **environment(device),
         "cpu": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "dtype": str(dtype).removeprefix("torch."),
         "calibration": {"batches": n_batches, "batch_size": args.batch_size, "rank": args.rank,
                         "max_rows": args.max_rows, "pattern": base.pattern},
@@ -134,7 +124,7 @@ def main() -> None:
         ),
         "layers": [layer.metadata() for layer in comp.layers.values()],
     }
-    out = Path(args.out) if args.out else Path(__file__).resolve().parent / "results" / f"calibrate-{slug(device_name)}.json"
+    out = Path(args.out) if args.out else Path(__file__).resolve().parent / "results" / f"calibrate-{device_slug(device)}.json"
     print(f"wrote {write_json(result, out)}")
 
 

@@ -46,6 +46,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import lynx_compile  # noqa: E402
 from lynx_compile.bench import median_ms  # noqa: E402
+from lynx_compile.calibrate import relative_error  # noqa: E402
 from lynx_compile.parallel import MODES, context_parallel, init_distributed  # noqa: E402
 from lynx_compile.results import device_slug, environment, write_json  # noqa: E402
 from lynx_compile.workloads import diffusers_workload  # noqa: E402
@@ -68,10 +69,6 @@ def _per_rank(value: float, group: bool) -> list[float]:
     gathered = torch.zeros(dist.get_world_size(), dtype=torch.float64, device=device)
     dist.all_gather_into_tensor(gathered, torch.tensor([value], dtype=torch.float64, device=device))
     return gathered.tolist()
-
-
-def _relative_error(output: torch.Tensor, reference: torch.Tensor) -> float:
-    return ((output.float() - reference.float()).norm() / reference.float().norm()).item()
 
 
 def _settled(output: torch.Tensor) -> torch.Tensor:
@@ -206,11 +203,11 @@ def summarize(records: list[dict[str, Any]], args, device: torch.device, world: 
         inductor = find.get((record["gpus"], "inductor", record["resolution"]))
         if inductor is not None:
             row["speedup_vs_inductor"] = inductor["median_ms"] / record["median_ms"]
-            row["rel_error_vs_inductor"] = _relative_error(output(record), output(inductor))
+            row["rel_error_vs_inductor"] = relative_error(output(record), output(inductor))
         single = find.get((1, record["backend"], record["resolution"]))
         if single is not None and record["gpus"] > 1:
             row["scaling_vs_1_gpu"] = single["median_ms"] / record["median_ms"]
-            row["rel_error_vs_1_gpu"] = _relative_error(output(record), output(single))
+            row["rel_error_vs_1_gpu"] = relative_error(output(record), output(single))
         rows.append(row)
     kept = {}
     for resolution in args.resolutions:

@@ -56,8 +56,9 @@ from train_dit import CHECKPOINT, NULL_CLASS, RESULTS, SCHEDULE, heldout_loss, l
 
 from lynx_compile import LynxBackend, LynxConfig, explain  # noqa: E402
 from lynx_compile.diffusion import NoiseSchedule, ddim_sample  # noqa: E402
-from lynx_compile.calibrate import relative_error  # noqa: E402
+from lynx_compile.calibrate import calibrate, relative_error  # noqa: E402
 from lynx_compile.ops import keep_mask  # noqa: E402
+from lynx_compile.results import write_json  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -232,10 +233,6 @@ class Harness:
 
 def lora_state(harness: Harness) -> tuple[Any, str | None]:
     """(calibrated LoRA factors, None) or (None, why the LoRA variant is pending)."""
-    try:
-        from lynx_compile.calibrate import calibrate
-    except ImportError as err:
-        return None, f"pending (calibration not available: {err})"
     try:
         compensation = calibrate(harness.model, harness.calibration_batches(), harness.base_config(),
                                  rank=harness.settings.lora_rank, progress=False)
@@ -539,10 +536,8 @@ def main() -> None:
         "table": table_text,
         **json_ready(output),
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
     suffix = "-quick" if args.quick else ""
-    json_path = RESULTS / f"quality-{torch.device(args.device).type}{suffix}.json"
-    json_path.write_text(json.dumps(payload, indent=2) + "\n")
+    json_path = write_json(payload, RESULTS / f"quality-{torch.device(args.device).type}{suffix}.json")
     summary = (
         f"# Quality of lynx variants on the digits DiT ({device_name}, {payload['date']})\n\n"
         f"`python benchmarks/quality.py{' --quick' if args.quick else ''} --device {args.device}`, torch {torch.__version__}, "

@@ -6,6 +6,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from lynx_compile import kernels, ops  # noqa: E402
+from lynx_compile.calibrate import relative_error  # noqa: E402
 
 assert kernels.available(), kernels._lib_error
 torch.manual_seed(0)
@@ -21,7 +22,7 @@ for dtype in (torch.bfloat16, torch.float16):
         for name, idx in kernels.gemm_configs().items():
             if name.startswith("bf16" if dtype == torch.bfloat16 else "fp16") and not name.endswith("_c"):
                 y = kernels.sparse_mm_compressed(v, e, sc, w, b, config=(idx, 1, 0))
-                err = ((y.double() - ref).norm() / ref.norm()).item()
+                err = relative_error(y, ref)
                 print(f"{dtype} swap={swap} {name}: rel err {err:.3e}", flush=True)
     torch.cuda.synchronize()
 print("selfcheck done")

@@ -40,6 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from lynx_compile.diffusion import NoiseSchedule, denoising_loss  # noqa: E402
 from lynx_compile.models import build  # noqa: E402
+from lynx_compile.results import write_json  # noqa: E402
 
 CHECKPOINT = ROOT / "benchmarks" / "checkpoints" / "dit_digits.pt"
 RESULTS = ROOT / "benchmarks" / "results"
@@ -194,7 +195,7 @@ def train(args: argparse.Namespace) -> None:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
-    (RESULTS / "train_dit_digits.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_json(summary, RESULTS / "train_dit_digits.json")
     print(json.dumps(summary, indent=2))
 
 

@@ -22,6 +22,7 @@ import torch
 from tabulate import tabulate
 
 from .backend import LynxBackend
+from .calibrate import calibrate, relative_error
 from .config import LynxConfig
 from .progress import progress
 from .results import device_slug, environment, write_json
@@ -54,7 +55,7 @@ class Row:
     error: str | None = None
 
 
-def _sync(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -63,7 +64,7 @@ def median_ms(fn: Callable[[], Any], device: torch.device, warmup: int, repeat: 
     """Median latency of ``fn`` in ms after ``warmup`` calls: CUDA events on GPU, wall clock on CPU."""
     for _ in range(warmup):
         fn()
-    _sync(device)
+    synchronize(device)
     times = []
     for _ in range(repeat):
         if device.type == "cuda":
@@ -84,7 +85,7 @@ def _linear_share(fn: Callable[[], Any], device: torch.device) -> float | None:
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with torch.profiler.profile(activities=activities) as prof:
         fn()
-        _sync(device)
+        synchronize(device)
     events = [e for e in prof.key_averages() if e.device_type == (torch.autograd.DeviceType.CUDA if device.type == "cuda" else torch.autograd.DeviceType.CPU)]
     attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     total = sum(getattr(e, attr) for e in events)
@@ -92,13 +93,18 @@ def _linear_share(fn: Callable[[], Any], device: torch.device) -> float | None:
     return linear / total if total else None
 
 
+_lora_states: dict[tuple[int, LynxConfig], tuple[Workload, Any]] = {}
+
+
 def _lora_state(workload: Workload, config: LynxConfig) -> Any:
     """LoRA factors calibrated on the benchmark's own input: enough to time the LoRA path (its
-    error column is then optimistic; benchmarks/quality.py measures quality on held-out data)."""
-    from .calibrate import calibrate
-
-    # The bench ranks no layers, so the whole-model sensitivity pass would be wasted forwards.
-    return calibrate(workload.model, [(workload.args, workload.kwargs)], config, model_batches=0)
+    error column is then optimistic; benchmarks/quality.py measures quality on held-out data).
+    Calibrated once per workload and config: every lynx-lora row shares them."""
+    key = (id(workload), config)  # the entry holds the workload, so its id stays its own
+    if key not in _lora_states:
+        # The bench ranks no layers, so the whole-model sensitivity pass would be wasted forwards.
+        _lora_states[key] = workload, calibrate(workload.model, [(workload.args, workload.kwargs)], config, model_batches=0)
+    return _lora_states[key][1]
 
 
 def _compiler(backend: str, config: LynxConfig, workload: Workload) -> tuple[Callable, LynxBackend | None]:
@@ -141,13 +147,13 @@ def run_backend(name: str, workload: Workload, reference: torch.Tensor | None, c
             fn, lynx = _compiler(name, config, workload)
             t0 = time.perf_counter()
             out = workload(fn).clone()  # CUDA-graph backends overwrite their outputs on the next run
-            _sync(device)
+            synchronize(device)
             row.compile_s = time.perf_counter() - t0
             row.latency_ms = median_ms(lambda: workload(fn), device, args.warmup, args.repeat)
             if device.type == "cuda":
                 row.peak_mem_gib = torch.cuda.max_memory_allocated(device) / 2**30
             if reference is not None:
-                row.rel_error = ((out.float() - reference.float()).norm() / reference.float().norm()).item()
+                row.rel_error = relative_error(out, reference)
             if args.profile:
                 row.linear_time_share = _linear_share(lambda: workload(fn), device)
             if args.steps:
@@ -165,7 +171,7 @@ def run_backend(name: str, workload: Workload, reference: torch.Tensor | None, c
 def _sampling_loop(fn: Callable, workload: Workload, steps: int, device: torch.device) -> float:
     """Seconds for ``steps`` denoising steps: each step feeds the output back as the latent."""
     args = list(workload.args)
-    _sync(device)
+    synchronize(device)
     t0 = time.perf_counter()
     for _ in range(steps):
         out = fn(*args, **workload.kwargs)
@@ -173,7 +179,7 @@ def _sampling_loop(fn: Callable, workload: Workload, steps: int, device: torch.d
             out = out[:, : args[0].shape[1]]  # learned-sigma models return mean and variance
         if args and out.shape == args[0].shape:
             args[0] = args[0] - out / steps
-    _sync(device)
+    synchronize(device)
     return time.perf_counter() - t0
 
 

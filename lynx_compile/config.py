@@ -123,15 +123,17 @@ class LynxConfig:
         self._check_compensation_state()
         self._check_sensitivity()
 
+    def _check_calibrated_pattern(self, field_name: str, calibration: Any) -> None:
+        """A Compensation knows the N:M pattern it was calibrated with; it must be this config's."""
+        calibrated = getattr(calibration, "pattern", None)
+        if calibrated is not None and calibrated != self.pattern:
+            raise ValueError(f"LynxConfig.{field_name}: calibrated for pattern {calibrated}, but pattern is {self.pattern}")
+
     def _check_compensation_state(self) -> None:
         state = self.compensation_state
         if state is None:
             return
-        calibrated = getattr(state, "pattern", None)
-        if calibrated is not None and calibrated != self.pattern:
-            raise ValueError(
-                f"LynxConfig.compensation_state: calibrated for pattern {calibrated}, but pattern is {self.pattern}"
-            )
+        self._check_calibrated_pattern("compensation_state", state)
         for name, factors in state.items():
             ok = isinstance(factors, (tuple, list)) and len(factors) == 2
             down, up = factors if ok else (None, None)
@@ -147,9 +149,7 @@ class LynxConfig:
         sensitivity = self.sensitivity
         # A Compensation is a mapping of LoRA factors; its measured errors come from .sensitivity().
         if callable(getattr(sensitivity, "sensitivity", None)):
-            calibrated = getattr(sensitivity, "pattern", None)
-            if calibrated is not None and calibrated != self.pattern:
-                raise ValueError(f"LynxConfig.sensitivity: measured for pattern {calibrated}, but pattern is {self.pattern}")
+            self._check_calibrated_pattern("sensitivity", sensitivity)
             sensitivity = sensitivity.sensitivity(self.compensation)
         if sensitivity is not None:
             if not isinstance(sensitivity, Mapping) or not all(

@@ -280,7 +280,7 @@ def unsupported_reason(device: torch.device, dtype: torch.dtype, in_features: in
 SLOWER_BELOW_OUT_FEATURES = 2048
 
 
-def slower_than_dense(in_features: int, out_features: int) -> str | None:
+def slower_than_dense(out_features: int) -> str | None:
     """Why sparse would lose to cuBLAS on this layer, from benchmarks/results/gemm-*.json (H100).
 
     With few output features the separate sparsify pass (a read of X, a write of half of it)

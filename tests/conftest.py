@@ -1,5 +1,25 @@
+from pathlib import Path
+
 import pytest
 import torch
+
+from lynx_compile.calibrate import relative_error  # noqa: F401  (the tests' one error measure)
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def sparse_kernels_or_skip():
+    """``lynx_compile.kernels``, or a skip where its CUDA kernels cannot run (no GPU, not sm_90,
+    or the library did not build)."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    from lynx_compile import kernels
+
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("needs an sm_90 GPU")
+    if not kernels.available():
+        pytest.skip(f"CUDA kernels unavailable: {kernels._lib_error}")
+    return kernels
 
 
 def pytest_collection_modifyitems(config, items):
@@ -23,6 +43,3 @@ def masked_reference(x: torch.Tensor, n: int, m: int, norm: bool, eps: float = 1
     scale = (x32.pow(2).sum(-1, keepdim=True) / (k32.pow(2).sum(-1, keepdim=True) + eps)).sqrt()
     return (k32 * scale).to(x.dtype)
 
-
-def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()

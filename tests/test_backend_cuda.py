@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import relative_error
+from conftest import relative_error, sparse_kernels_or_skip
 from test_backend import reference_forward
 
 import lynx_compile
@@ -13,10 +13,7 @@ pytestmark = pytest.mark.gpu
 
 @pytest.fixture(scope="module")
 def dit():
-    from lynx_compile import kernels
-
-    if not kernels.available():
-        pytest.skip("lynx CUDA kernels unavailable on this machine")
+    sparse_kernels_or_skip()
     torch.manual_seed(0)
     # hidden 1152 as in DiT-XL: qkv and fc1 have enough output features to gain (speed_guard)
     return build("dit-s-2", depth=2, hidden=1152, heads=16).cuda().to(torch.bfloat16).eval()

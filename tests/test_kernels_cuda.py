@@ -7,27 +7,16 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import relative_error, sparse_kernels_or_skip
 
 from lynx_compile import ops
 
 pytestmark = pytest.mark.gpu
 
 
-def _kernels_or_skip():
-    if not torch.cuda.is_available():
-        pytest.skip("no CUDA device")
-    from lynx_compile import kernels
-
-    if torch.cuda.get_device_capability() != (9, 0):
-        pytest.skip("needs an sm_90 GPU")
-    if not kernels.available():
-        pytest.skip(f"CUDA kernels unavailable: {kernels._lib_error}")
-    return kernels
-
-
 @pytest.fixture(scope="module")
 def K():
-    return _kernels_or_skip()
+    return sparse_kernels_or_skip()
 
 
 DTYPES = [torch.bfloat16, torch.float16]
@@ -62,10 +51,6 @@ def reference64(x, w, bias, norm, lora_down=None, lora_up=None):
     if bias is not None:
         out = out + bias.double()
     return out
-
-
-def rel_err(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -142,7 +127,7 @@ def test_sparse_linear_matches_reference(K, dtype, lead, Kf, N, with_bias):
         return
     ref = reference64(x.reshape(-1, Kf), w, b, True).view(*lead, N)
     assert torch.isfinite(out).all(), "unwritten (NaN-poisoned) or non-finite outputs"
-    assert rel_err(out, ref) < REL_TOL[dtype]
+    assert relative_error(out, ref) < REL_TOL[dtype]
     torch.testing.assert_close(out.double(), ref, rtol=5e-2, atol=5e-2)
 
 
@@ -155,7 +140,7 @@ def test_out_buffer_fully_written(K, dtype):
     out = torch.full((M, N), float("nan"), dtype=dtype, device="cuda")
     K.sparse_mm_compressed(values, meta, scale, w, None, out=out)
     assert torch.isfinite(out).all()
-    assert rel_err(out, reference64(x, w, None, True)) < REL_TOL[dtype]
+    assert relative_error(out, reference64(x, w, None, True)) < REL_TOL[dtype]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -167,11 +152,11 @@ def test_no_norm_compensation_and_lora(K, dtype):
     down = (torch.randn(r, Kf, device="cuda") / Kf ** 0.5).to(dtype)
     up = (torch.randn(N, r, device="cuda") / r ** 0.5).to(dtype)
     out = torch.ops.lynx.sparse_linear(x, w, b, 2, 4, False)
-    assert rel_err(out, reference64(x, w, b, False)) < REL_TOL[dtype]
+    assert relative_error(out, reference64(x, w, b, False)) < REL_TOL[dtype]
     out = _poisoned_call(lambda: torch.ops.lynx.sparse_linear(x, w, b, 2, 4, True, ops.NORM_EPS, down, up),
                          (M, N), dtype)
     assert torch.isfinite(out).all()
-    assert rel_err(out, reference64(x, w, b, True, down, up)) < REL_TOL[dtype]
+    assert relative_error(out, reference64(x, w, b, True, down, up)) < REL_TOL[dtype]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -197,7 +182,7 @@ def test_ties_zeros_inf_nan_rows(K, dtype):
     assert torch.isfinite(out[good]).all()
     torch.testing.assert_close(out[0], b)
     ref64 = reference64(x[good], w, b, True)
-    assert rel_err(out[good], ref64) < REL_TOL[dtype]
+    assert relative_error(out[good], ref64) < REL_TOL[dtype]
 
 
 def test_fp32_and_odd_k_fall_back_to_reference(K):
@@ -217,7 +202,7 @@ def test_non_contiguous_input(K):
     x = torch.randn(256, 64, device="cuda", dtype=torch.bfloat16).t()  # (64, 256) non-contiguous
     w = (torch.randn(128, 256, device="cuda") / 16).to(torch.bfloat16)
     out = torch.ops.lynx.sparse_linear(x, w, None, 2, 4, True)
-    assert rel_err(out, reference64(x.contiguous(), w, None, True)) < 1e-2
+    assert relative_error(out, reference64(x.contiguous(), w, None, True)) < 1e-2
 
 
 def test_cuda_graph_capture(K):
@@ -236,7 +221,7 @@ def test_cuda_graph_capture(K):
     x.copy_(torch.randn_like(x))
     g.replay()
     torch.cuda.synchronize()
-    assert rel_err(out, reference64(x.reshape(-1, 1152), w, b, True).view(4, 100, 3456)) < 1e-2
+    assert relative_error(out, reference64(x.reshape(-1, 1152), w, b, True).view(4, 100, 3456)) < 1e-2
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -285,6 +270,6 @@ def test_fuzz_selection_and_output_against_the_reference(K):
         finite = torch.isfinite(x.float()).all(-1)
         assert torch.equal(torch.isfinite(out.float()).all(-1)[~finite], torch.zeros_like(finite[~finite]))
         if finite.any():
-            assert rel_err(out[finite], expected[finite]) < REL_TOL[dtype]
+            assert relative_error(out[finite], expected[finite]) < REL_TOL[dtype]
 
     check()

@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as _functional_collectives
 import torch.multiprocessing as mp
+from conftest import BENCHMARKS, relative_error, sparse_kernels_or_skip
 
 import lynx_compile
 from lynx_compile.parallel import context_parallel
@@ -77,7 +78,7 @@ def _sharded_vs_unsharded(rank: int, init_file: str, out_dir: str, device_type: 
 
             model = torch.compile(context_parallel(workload.model, mode=mode), backend=recording, fullgraph=True, dynamic=True)
             outputs = [model(**kwargs) for kwargs in shapes]
-        results["errors"] = [((o - r).float().norm() / r.float().norm()).item() for o, r in zip(outputs, references)]
+        results["errors"] = [relative_error(o, r) for o, r in zip(outputs, references)]
         results["shapes"] = [tuple(o.shape) == tuple(r.shape) for o, r in zip(outputs, references)]
         results["sparse"] = sorted(layer.name for layer in sharded.report.sparse)
         results["unsharded_sparse"] = sorted(layer.name for layer in unsharded.report.sparse)
@@ -145,10 +146,7 @@ def test_ring_attention_graph_gets_the_unsharded_roles(tmp_path):
 def test_sharded_flux_matches_unsharded_on_two_gpus(tmp_path, mode):
     if torch.cuda.device_count() < WORLD:
         pytest.skip(f"needs {WORLD} GPUs")
-    from lynx_compile import kernels
-
-    if not kernels.available():
-        pytest.skip(f"CUDA kernels unavailable: {kernels._lib_error}")
+    sparse_kernels_or_skip()
     # bf16 attention over exchanged shards sums in another order than the unsharded run.
     _check_sharded(_spawn(tmp_path, _sharded_vs_unsharded, "cuda", mode, (2, 3)), tolerance=2e-2)
 
@@ -184,7 +182,6 @@ def test_context_parallel_rejects_what_it_cannot_shard(tmp_path):
             context_parallel(flux, mode="ring")
 
 
-BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
 def _generate(rank: int, init_file: str, out_dir: str) -> None:

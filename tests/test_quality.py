@@ -4,14 +4,13 @@ import importlib
 import json
 import math
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import BENCHMARKS
 
 pytest.importorskip("sklearn", reason="the quality harness needs scikit-learn (digits data, classifier)")
 
-BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 quality = importlib.import_module("quality")
 

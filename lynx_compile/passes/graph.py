@@ -62,6 +62,10 @@ def qualified_name(source_name: str) -> str:
     return ".".join(p for p in parts if p not in _NOT_MODULE_LEVELS)
 
 
+_NOT_MODULE_LEVELS = {"_orig_mod", "__dict__", "_modules", "_parameters", "_buffers"}
+_TRANSPOSES = {"t", "T", "mT", "transpose", "permute", "swapaxes", "swapdims"}
+
+
 def submodule_names_hint(names: list[str], keys: Any) -> str:
     """Why layer ``names`` may all miss a mapping keyed by ``keys`` (empty if no reason is seen).
 
@@ -75,10 +79,6 @@ def submodule_names_hint(names: list[str], keys: Any) -> str:
     return (" This graph's layer names are the tail of those keys: it is a submodule compiled on its own (regional "
             "compilation, e.g. diffusers' compile_repeated_blocks), one graph shared by every instance of the block, so "
             "per-layer settings of the whole model cannot apply; compile the whole model (torch.compile(model, ...)).")
-
-
-_NOT_MODULE_LEVELS = {"_orig_mod", "__dict__", "_modules", "_parameters", "_buffers"}
-_TRANSPOSES = {"t", "T", "mT", "transpose", "permute", "swapaxes", "swapdims"}
 
 
 @dataclass

@@ -55,7 +55,7 @@ def _kernel_path(device: torch.device, dtype: torch.dtype, k: int, n_out: int, n
 
     reason = kernels.unsupported_reason(device, dtype, k, n_out, n, m)
     if reason is None:
-        slower = kernels.slower_than_dense(k, n_out) if speed_guard else None
+        slower = kernels.slower_than_dense(n_out) if speed_guard else None
         return (False, f"speed_guard: {slower}") if slower else (True, "CUDA sparse kernel")
     if not kernels.available() or (n, m) != (2, 4):
         # No kernel for this machine or pattern at all: the reference still computes it.
