@@ -45,7 +45,7 @@ from tabulate import tabulate
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import lynx_compile  # noqa: E402
-from lynx_compile.bench import median_ms  # noqa: E402
+from lynx_compile.bench import median_ms, synchronize  # noqa: E402
 from lynx_compile.calibrate import relative_error  # noqa: E402
 from lynx_compile.parallel import MODES, context_parallel, init_distributed  # noqa: E402
 from lynx_compile.results import device_slug, environment, write_json  # noqa: E402
@@ -96,16 +96,16 @@ def measure(workload, backend: str, args, device: torch.device, gpus: int) -> li
     with torch.no_grad():
         for index, resolution in enumerate(args.resolutions):
             kwargs = workload.make_inputs(1, resolution=resolution, text_tokens=args.text_tokens)[1]
+            forward = lambda: _settled(compiled(**kwargs))  # noqa: E731
             start = time.perf_counter()
-            output = _settled(compiled(**kwargs))
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+            output = forward()
+            synchronize(device)
             first_call_s = time.perf_counter() - start
-            per_rank = _per_rank(median_ms(lambda: _settled(compiled(**kwargs)), device, args.warmup, args.repeat), gpus > 1)
+            per_rank = _per_rank(median_ms(forward, device, args.warmup, args.repeat), gpus > 1)
             median = max(per_rank)
             if args.profile:  # every rank of a sharded forward has to take part; rank 0 writes
                 path = args.state / f"profile-{gpus}-{backend}-{resolution}.txt"
-                _profile(lambda: _settled(compiled(**kwargs)), path if dist.get_rank() == 0 else None)
+                _profile(forward, device, path if dist.get_rank() == 0 else None)
             records.append({"gpus": gpus, "backend": backend, "resolution": resolution, "median_ms": median,
                             "rank_median_ms": per_rank,
                             "compile_s" if index == 0 else "first_call_s": first_call_s})
@@ -119,18 +119,17 @@ def measure(workload, backend: str, args, device: torch.device, gpus: int) -> li
     return records
 
 
-def _profile(forward, path: Path | None) -> None:
+def _profile(forward, device: torch.device, path: Path | None) -> None:
     """One forward under the profiler: GPU time per kernel, and the host's time to issue it."""
     from torch.profiler import ProfilerActivity, profile
 
-    gpu = torch.cuda.is_available()
-    sync = torch.cuda.synchronize if gpu else (lambda: None)
-    sync()
+    gpu = device.type == "cuda"
+    synchronize(device)
     with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])) as prof:
         start = time.perf_counter()
         forward()
         issued = time.perf_counter() - start
-        sync()
+        synchronize(device)
         done = time.perf_counter() - start
     if path is None:
         return
@@ -218,8 +217,8 @@ def summarize(records: list[dict[str, Any]], args, device: torch.device, world: 
     model = "tiny Flux" if args.quick else "flux-dev (diffusers FluxTransformer2DModel, random weights)"
     if args.blocks:
         model += f", {args.blocks[0]} double + {args.blocks[1]} single blocks"
-    compiled = {"blocks": "each block class on its own (diffusers compile_repeated_blocks)", "whole": "whole model"}
-    return {"model": model, "compile": compiled[args.compile],
+    compile_modes = {"blocks": "each block class on its own (diffusers compile_repeated_blocks)", "whole": "whole model"}
+    return {"model": model, "compile": compile_modes[args.compile],
             "batch": 1, "text_tokens": args.text_tokens, "mode": args.mode, "world_size": world,
             "dtype": str(torch.bfloat16 if device.type == "cuda" else torch.float32), **environment(device),
             "rows": rows, "lynx_speedup_kept": kept}

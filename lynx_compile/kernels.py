@@ -331,7 +331,6 @@ _TUNED: dict[tuple[int, int, int], tuple[str, int, int]] = {
 }
 
 
-@functools.lru_cache(maxsize=None)  # on every sparse_linear call; a pure function of the shape
 def _heuristic(dtype: torch.dtype, M: int, N: int, K: int) -> tuple[str, int, int]:
     """(config name, swizzle, raster): the tuned entry, else a rule fitted to the tuned shapes.
 

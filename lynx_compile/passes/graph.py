@@ -76,7 +76,7 @@ def submodule_names_hint(names: list[str], keys: Any) -> str:
     keys = list(keys)
     if any(name in keys for name in names) or not any(key.endswith("." + name) for name in names for key in keys):
         return ""
-    return (" This graph's layer names are the tail of those keys: it is a submodule compiled on its own (regional "
+    return ("This graph's layer names are the tail of those keys: it is a submodule compiled on its own (regional "
             "compilation, e.g. diffusers' compile_repeated_blocks), one graph shared by every instance of the block, so "
             "per-layer settings of the whole model cannot apply; compile the whole model (torch.compile(model, ...)).")
 

@@ -128,7 +128,7 @@ def keep_sensitive_dense(layers: list[LayerDecision], config: LynxConfig) -> Non
     hint = submodule_names_hint([layer.name for layer in candidates], config.sensitivity)
     if hint:
         raise ValueError(f"lynx: the sensitivity has no entry for any of this graph's {len(candidates)} sparse "
-                         f"candidate layer(s) (e.g. {candidates[0].name!r}).{hint}")
+                         f"candidate layer(s) (e.g. {candidates[0].name!r}). {hint}")
     total = sum(_flops(layer) for layer in candidates)
     budget = None if config.dense_flop_budget is None else config.dense_flop_budget * total
     spent = 0

@@ -39,7 +39,7 @@ def sparsify_linears(gm: fx.GraphModule, ctx: PassContext) -> None:
         raise ValueError(
             f"lynx: compensation_state has LoRA factors for none of this graph's {len(sparse_names)} sparse layer(s) "
             f"(e.g. {sparse_names[0]!r}; the state has {sorted(lora_factors)[:3]!r}...): "
-            + (submodule_names_hint(sparse_names, lora_factors).strip() or "calibrated on another model?")
+            + (submodule_names_hint(sparse_names, lora_factors) or "calibrated on another model?")
         )
     for node in list(graph.nodes):
         decision = node.meta.get("lynx")
