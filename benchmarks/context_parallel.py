@@ -134,7 +134,8 @@ def _profile(forward, device: torch.device, path: Path | None) -> None:
     if path is None:
         return
     table = prof.key_averages().table(sort_by="cuda_time_total" if gpu else "cpu_time_total", row_limit=30, max_name_column_width=70)
-    path.write_text(f"host issue {issued * 1e3:.1f} ms, until GPU done {done * 1e3:.1f} ms\n{table}\n")
+    path.write_text(f"{json.dumps(environment(device))}\n"
+                    f"host issue {issued * 1e3:.1f} ms, until GPU done {done * 1e3:.1f} ms\n{table}\n")
     print(f"profile: host issue {issued * 1e3:.1f} ms, until GPU done {done * 1e3:.1f} ms -> {path}", flush=True)
 
 

@@ -127,9 +127,9 @@ def _check_linear(x: Tensor, weight: Tensor, bias: Tensor | None, n: int, m: int
 
 
 # Defined with torch.library.define rather than custom_op: a model calls this op once per sparse
-# layer per forward, and custom_op's Python autograd and aliasing wrappers cost about 20 us a call
-# (against about 5 us here), which a DiT's hundreds of small GEMMs feel. Inference only: without an
-# autograd kernel, a backward through it raises.
+# layer per forward, and custom_op adds Python autograd and aliasing wrappers to every call, host
+# time that a DiT's hundreds of small GEMMs feel. Inference only: without an autograd kernel, a
+# backward through it raises.
 torch.library.define(
     "lynx::sparse_linear",
     "(Tensor x, Tensor weight, Tensor? bias, int n, int m, bool norm_compensation, "
