@@ -3,6 +3,7 @@
     python benchmarks/gemm.py                 # the standard shapes
     python benchmarks/gemm.py 4096x1152x3456  # extra shapes, M x K x N (M x K -> N)
     python benchmarks/gemm.py --tune          # also sweep every GEMM configuration per shape
+    python benchmarks/gemm.py --lora-rank 32  # rank of the folded-LoRA columns (default 64; 0 skips them)
 
 All times are medians (ms) of ``triton.testing.do_bench`` over CUDA-graph replays (pure GPU time), in
 one process. Writes ``benchmarks/results/gemm-<gpu>.json`` and prints a table.
@@ -81,7 +82,7 @@ def sparsify_bandwidth(dtype) -> tuple[float, float]:
     return nbytes / ms / 1e6, ms
 
 
-def run_shape(M, K, N, dtype, tune: bool) -> dict:
+def run_shape(M, K, N, dtype, tune: bool, lora_rank: int) -> dict:
     torch.manual_seed(0)
     x = torch.randn(M, K, device="cuda", dtype=dtype)
     w = (torch.randn(N, K, device="cuda") / math.sqrt(K)).to(dtype)
@@ -116,11 +117,32 @@ def run_shape(M, K, N, dtype, tune: bool) -> dict:
     row["rel_err"] = relative_error(y, ref)
     row["nonfinite"] = int((~torch.isfinite(y)).sum().item())
 
+    if lora_rank:
+        # The LoRA term folded into the same sparse GEMM (what the backend runs), against the
+        # same term as two extra GEMMs and an add beside the sparse op.
+        down = (torch.randn(lora_rank, K, device="cuda") / math.sqrt(K)).to(dtype)
+        up = (torch.randn(N, lora_rank, device="cuda") / math.sqrt(lora_rank)).to(dtype)
+        weight_lora, down_padded = ops.pack_lora(w, down, up)
+        row["lora_rank"] = lora_rank
+
+        def folded():
+            return torch.ops.lynx.sparse_linear_lora(x, weight_lora, b, 2, 4, True, ops.NORM_EPS, down_padded)
+
+        row["lora_e2e_ms"] = bench_graph(folded)
+        # Its parts: the down-projection (re-reads x) and the GEMM over K + 2r columns.
+        row["lora_down_ms"] = bench_graph(lambda: x @ down_padded.t())
+        values_lora, meta_lora, scale_lora = kernels.compress_2to4(x, True, lora_tail=x @ down_padded.t())
+        row["lora_gemm_ms"] = bench_graph(lambda: kernels.sparse_mm_compressed(values_lora, meta_lora, scale_lora,
+                                                                               weight_lora, b, out=out, layer_k=K))
+        row["lora_unfolded_ms"] = bench_graph(lambda: torch.ops.lynx.sparse_linear(x, w, b, 2, 4, True) + (x @ down.t()) @ up.t())
+        row["lora_rel_err"] = relative_error(folded(), ref + (x.float() @ down.float().t()) @ up.float().t())
+        del down, up, weight_lora, down_padded, values_lora, meta_lora, scale_lora
+
     if tune:
         prefix = "bf16" if dtype == torch.bfloat16 else "fp16"
         res = {}
         for name, idx in kernels.gemm_configs().items():
-            if not name.startswith(prefix) or name.endswith("_c"):
+            if not name.startswith(prefix):
                 continue
             for swz in (1, 2, 4, 8):
                 for ras in (1, 2):
@@ -145,6 +167,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
     ap.add_argument("--tune", action="store_true", help="sweep GEMM configurations per shape")
     ap.add_argument("--only-extra", action="store_true", help="run only the shapes given on the command line")
+    ap.add_argument("--lora-rank", type=int, default=64, help="rank of the folded LoRA timed per shape (0: skip)")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/gemm-<gpu>.json)")
     args = ap.parse_args()
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float16
@@ -155,10 +178,11 @@ def main() -> None:
     gpu = torch.cuda.get_device_name()
     rows = []
     for M, K, N in shapes:
-        r = run_shape(M, K, N, dtype, args.tune)
+        r = run_shape(M, K, N, dtype, args.tune, args.lora_rank)
         rows.append(r)
         print(f"{M}x{K}->{N}: dense {r['dense_ms']:.4f} cslt {r['cslt_ms']} sparsify {r['sparsify_ms']:.4f} "
               f"gemm {r['gemm_ms']:.4f} e2e {r['e2e_ms']:.4f} err {r['rel_err']:.2e}"
+              + (f" lora {r['lora_e2e_ms']:.4f} (unfolded {r['lora_unfolded_ms']:.4f})" if args.lora_rank else "")
               + (f" best {r['tune_best']}" if args.tune else ""), flush=True)
 
     bw_copy = copy_bandwidth()
@@ -175,8 +199,13 @@ def main() -> None:
         table.append([f"{r['M']}x{r['K']}->{r['N']}", f(d), f(r["cslt_ms"]), f(r["sparsify_ms"]), f(r["gemm_ms"]),
                       f(r["e2e_ms"]), f(d / r["cslt_ms"], 2) if r["cslt_ms"] else "-", f(d / r["gemm_ms"], 2),
                       f(d / r["e2e_ms"], 2), f"{r['rel_err']:.1e}", r["config"][0]])
+        if args.lora_rank:
+            table[-1][-1:-1] = [f(r["lora_e2e_ms"]), f"{100 * (r['lora_e2e_ms'] / r['e2e_ms'] - 1):+.1f}%",
+                                f"{100 * (r['lora_unfolded_ms'] / r['e2e_ms'] - 1):+.1f}%"]
     headers = ["M x K -> N", "cuBLAS ms", "cuSPARSELt ms", "sparsify ms", "GEMM ms", "e2e ms", "cslt x", "GEMM x",
                "e2e x", "rel err", "config"]
+    if args.lora_rank:
+        headers[-1:-1] = [f"e2e+LoRA{args.lora_rank} ms", "LoRA folded", "LoRA unfolded"]
     print(tabulate(table, headers=headers, tablefmt="github"))
 
     def geo(key):
@@ -186,6 +215,12 @@ def main() -> None:
         return math.exp(sum(math.log(r["dense_ms"] / r[key]) for r in sel) / len(sel))
 
     summary = {k: geo(k) for k in ("e2e_ms", "gemm_ms", "cslt_ms")}
+    if args.lora_rank:
+        overheads = [r["lora_e2e_ms"] / r["e2e_ms"] - 1 for r in rows]
+        summary["lora_overhead_max"] = max(overheads)
+        summary["lora_overhead_geomean"] = math.exp(sum(math.log1p(o) for o in overheads) / len(overheads)) - 1
+        print(f"folded LoRA (rank {args.lora_rank}) over lynx e2e: geomean {100 * summary['lora_overhead_geomean']:+.1f}%, "
+              f"max {100 * summary['lora_overhead_max']:+.1f}%")
     print(f"geomean speedup over cuBLAS, 13 large shapes: e2e {f(summary['e2e_ms'], 3)}  GEMM alone "
           f"{f(summary['gemm_ms'], 3)}  cuSPARSELt {f(summary['cslt_ms'], 3)}")
     print(f"copy bandwidth {bw_copy:.0f} GB/s; sparsify (65536x4608) {bw_sp:.0f} GB/s = "

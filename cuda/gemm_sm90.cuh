@@ -1,8 +1,9 @@
 // lynx: sm90 2:4-sparse GEMM (wgmma.sp via CUTLASS 3.x CollectiveBuilder, OpClassSparseTensorOp).
-//   D[M,N] = s[m] * (A~[M,K] . W[N,K]^T) + bias[n] (+ C[M,N])
+//   D[M,N] = s[m] * (A~[M,K] . W[N,K]^T) + bias[n]
 // A~ (the sparsified activation) is the sparse operand: compressed values (M x K/2, row-major) plus metadata E
 // in CUTLASS's sm90 layout (see sparsify.cu). W is the dense operand, row-major (N x K) = K-major.
-// Epilogue (EVT): per-row fp32 scale, per-column bias (nullptr -> 0), optional source C (the LoRA term).
+// Epilogue (EVT): per-row fp32 scale, per-column bias (nullptr -> 0). A folded LoRA term arrives as extra K columns
+// of A~ and W (see sparsify.cu), so the epilogue has no source operand.
 #pragma once
 #include <cuda_runtime.h>
 
@@ -23,13 +24,13 @@ namespace lynx {
 
 using namespace cute;
 
-template <class Element, class TileShape, class ClusterShape, class KernelSchedule, class EpilogueSchedule, bool kHasC,
+template <class Element, class TileShape, class ClusterShape, class KernelSchedule, class EpilogueSchedule,
           class TileScheduler = void>
 struct SparseGemm {
   using ElementA = Element;
   using ElementB = Element;
   using ElementD = Element;
-  using ElementC = cute::conditional_t<kHasC, Element, void>;
+  using ElementC = void;
   using ElementAcc = float;
   using ElementCompute = float;
   using LayoutA = cutlass::layout::RowMajor;
@@ -40,15 +41,9 @@ struct SparseGemm {
 
   using ScaleCol = cutlass::epilogue::fusion::Sm90ColBroadcast<0, TileShape, float, float, Stride<_1, _0, int64_t>, 1>;
   using BiasRow = cutlass::epilogue::fusion::Sm90RowBroadcast<0, TileShape, Element, float, Stride<_0, _1, int64_t>, kAlign>;
-  using Inner = cutlass::epilogue::fusion::Sm90EVT<
-      cutlass::epilogue::fusion::Sm90Compute<cutlass::homogeneous_multiply_add,
-                                             cute::conditional_t<kHasC, float, ElementD>, ElementCompute, RN>,
+  using EVT = cutlass::epilogue::fusion::Sm90EVT<
+      cutlass::epilogue::fusion::Sm90Compute<cutlass::homogeneous_multiply_add, ElementD, ElementCompute, RN>,
       ScaleCol, cutlass::epilogue::fusion::Sm90AccFetch, BiasRow>;
-  using EVT = cute::conditional_t<kHasC,
-      cutlass::epilogue::fusion::Sm90EVT<
-          cutlass::epilogue::fusion::Sm90Compute<cutlass::plus, ElementD, ElementCompute, RN>,
-          Inner, cutlass::epilogue::fusion::Sm90SrcFetch<Element>>,
-      Inner>;
 
   using CollectiveEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassSparseTensorOp, TileShape, ClusterShape,
@@ -83,14 +78,8 @@ struct SparseGemm {
                      static_cast<const typename CollectiveMainloop::ElementE*>(p.e), layout_e};
     typename ScaleCol::Arguments scale_args{p.scale, 1.0f, {}};
     typename BiasRow::Arguments bias_args{static_cast<const Element*>(p.bias), Element(0), {}};
-    typename Inner::Arguments inner{scale_args, {}, bias_args, {}};
-    if constexpr (kHasC) {
-      args.epilogue.thread = {inner, {}, {}};
-      args.epilogue.ptr_C = static_cast<const Element*>(p.c);
-    } else {
-      args.epilogue.thread = inner;
-      args.epilogue.ptr_C = nullptr;
-    }
+    args.epilogue.thread = {scale_args, {}, bias_args, {}};
+    args.epilogue.ptr_C = nullptr;
     args.epilogue.dC = stride_c;
     args.epilogue.ptr_D = static_cast<ElementD*>(p.d);
     args.epilogue.dD = stride_d;

@@ -9,7 +9,6 @@ struct LynxGemmParams {
   const void* w;       // dense weight (N x K, row-major)
   const float* scale;  // per-row scale (M) or nullptr (-> 1)
   const void* bias;    // per-column bias (N) or nullptr (-> 0)
-  const void* c;       // optional source (M x N, row-major, output dtype); only for the *_c configurations
   void* d;             // output (M x N, row-major)
   int M, N, K;
   int swizzle, raster; // tile-scheduler knobs: max swizzle 1/2/4/8; raster 0 heuristic, 1 along M, 2 along N

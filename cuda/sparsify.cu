@@ -5,6 +5,12 @@
 //   * the metadata E in the exact layout the CUTLASS sm90 sparse mainloop (TileK = 128) loads with TMA;
 //   * the per-token norm-compensation scale s = sqrt(||x||^2 / (||x~||^2 + eps)) in fp32 (1 without compensation).
 //
+// Optional LoRA tail (the folded low-rank term): T (M x r, x's dtype) = x . lora_down^T, computed before this kernel.
+// Each row's T / s is appended to its compressed values (A_c then has row stride K/2 + r) as r dense values over
+// 2r logical columns, entries 0 and 1 of each group of 4 (metadata code 0x4, the same as padding). Against the weight
+// [W | lora_up spread the same way] the one sparse GEMM then adds T . lora_up^T, and the epilogue's scale s turns
+// T / s back into T. An all-zero token (s = 0) has T = 0 and gets a zero tail.
+//
 // Selection: top-2 |x| of each group of 4; ties go to the lower index; -0 and +0 tie; NaN ranks above
 // everything (all NaNs tie), then +-inf. Done on the magnitude bits, which order like the magnitudes.
 //
@@ -16,6 +22,7 @@
 // Padding (rows M..M_padE, columns K..K_padE) gets the valid code 0x4 (entries 0 and 1).
 #include <cuda_runtime.h>
 #include <cuda_fp16.h>
+#include <cuda_bf16.h>
 #include <stdint.h>
 
 namespace {
@@ -29,6 +36,15 @@ __device__ __forceinline__ float to_float(uint32_t bits) {
     return __uint_as_float(bits << 16);
   } else {
     return __half2float(__ushort_as_half(static_cast<unsigned short>(bits)));
+  }
+}
+
+template <bool kBF16>
+__device__ __forceinline__ uint16_t from_float(float f) {
+  if constexpr (kBF16) {
+    return __bfloat16_as_ushort(__float2bfloat16_rn(f));
+  } else {
+    return __half_as_ushort(__float2half_rn(f));
   }
 }
 
@@ -85,7 +101,7 @@ template <bool kBF16, int kRowThreads>
 __global__ void __launch_bounds__(kBlockThreads, 4)
 sparsify_2to4_kernel(const uint16_t* __restrict__ x, int64_t ldx, int M, int K, int m_pad, int k_pad,
                      uint16_t* __restrict__ a_comp, uint8_t* __restrict__ e, float* __restrict__ scale,
-                     int norm, float eps, int swap_nibbles) {
+                     int norm, float eps, int swap_nibbles, const uint16_t* __restrict__ tail, int rank) {
   // Let a PDL-launched GEMM start its prologue now; it waits (griddepcontrol.wait) for our completion.
   asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
   constexpr int kRowsPerBlock = kBlockThreads / kRowThreads;
@@ -96,7 +112,8 @@ sparsify_2to4_kernel(const uint16_t* __restrict__ x, int64_t ldx, int M, int K, 
   const int units = K >> 4, units_pad = k_pad >> 4;
   const bool live = row < M;
   const uint16_t* xr = x + int64_t(row) * ldx;
-  uint16_t* ar = a_comp + int64_t(row) * (K >> 1);
+  const int a_ld = (K >> 1) + rank;
+  uint16_t* ar = a_comp + int64_t(row) * a_ld;
   float dense_sq = 0.f, kept_sq = 0.f;
   if (in_pad) {
     for (int base = 0; base < units_pad; base += kRowThreads * kUnroll) {
@@ -138,65 +155,82 @@ sparsify_2to4_kernel(const uint16_t* __restrict__ x, int64_t ldx, int M, int K, 
     kept_sq += __shfl_xor_sync(0xffffffffu, kept_sq, o);
   }
   if constexpr (kWarpsPerRow > 1) {
+    // Every thread of the row needs s for the LoRA tail, so each sums its row's warps itself.
     __shared__ float red[2][kBlockThreads / 32];
-    const int warp = threadIdx.x >> 5;
+    const int warp = threadIdx.x >> 5, first_warp = warp - warp % kWarpsPerRow;
     if ((threadIdx.x & 31) == 0) {
       red[0][warp] = dense_sq;
       red[1][warp] = kept_sq;
     }
     __syncthreads();
-    if (t == 0) {
-      dense_sq = 0.f;
-      kept_sq = 0.f;
+    dense_sq = 0.f;
+    kept_sq = 0.f;
 #pragma unroll
-      for (int i = 0; i < kWarpsPerRow; ++i) {
-        dense_sq += red[0][warp + i];
-        kept_sq += red[1][warp + i];
-      }
+    for (int i = 0; i < kWarpsPerRow; ++i) {
+      dense_sq += red[0][first_warp + i];
+      kept_sq += red[1][first_warp + i];
     }
   }
-  if (live && t == 0 && scale != nullptr) scale[row] = norm ? sqrtf(dense_sq / (kept_sq + eps)) : 1.0f;
+  if (!live) return;
+  const float s = norm ? sqrtf(dense_sq / (kept_sq + eps)) : 1.0f;
+  if (t == 0 && scale != nullptr) scale[row] = s;
+  if (tail != nullptr) {
+    const float inv_s = s == 0.f ? 0.f : 1.0f / s;
+    const uint32_t* tr = reinterpret_cast<const uint32_t*>(tail + int64_t(row) * rank);
+    uint32_t* dst = reinterpret_cast<uint32_t*>(ar + (K >> 1));
+    for (int j = t; j < (rank >> 1); j += kRowThreads) {
+      const uint32_t pair = tr[j];
+      const float lo = to_float<kBF16>(pair & 0xffffu) * inv_s, hi = to_float<kBF16>(pair >> 16) * inv_s;
+      dst[j] = uint32_t(from_float<kBF16>(lo)) | (uint32_t(from_float<kBF16>(hi)) << 16);
+    }
+  }
 }
 
 template <bool kBF16, int kRowThreads>
 void launch_sparsify(const void* x, long long ldx, int M, int K, int m_pad, int k_pad, void* a_comp, void* e,
-                     float* scale, int norm, float eps, int swap_nibbles, cudaStream_t stream) {
+                     float* scale, int norm, float eps, int swap_nibbles, const void* tail, int rank,
+                     cudaStream_t stream) {
   constexpr int kRowsPerBlock = kBlockThreads / kRowThreads;
   const dim3 grid((m_pad + kRowsPerBlock - 1) / kRowsPerBlock);
   sparsify_2to4_kernel<kBF16, kRowThreads><<<grid, kBlockThreads, 0, stream>>>(
       static_cast<const uint16_t*>(x), ldx, M, K, m_pad, k_pad, static_cast<uint16_t*>(a_comp),
-      static_cast<uint8_t*>(e), scale, norm, eps, swap_nibbles);
+      static_cast<uint8_t*>(e), scale, norm, eps, swap_nibbles, static_cast<const uint16_t*>(tail), rank);
 }
 
 template <bool kBF16>
 void dispatch_sparsify(const void* x, long long ldx, int M, int K, int m_pad, int k_pad, void* a_comp, void* e,
-                       float* scale, int norm, float eps, int swap_nibbles, cudaStream_t stream) {
+                       float* scale, int norm, float eps, int swap_nibbles, const void* tail, int rank,
+                       cudaStream_t stream) {
   // Threads per token row: enough that each thread has at most kUnroll units (one round of loads), so
   // long rows are split over more threads and the grid has many short blocks (no half-empty last wave).
   const int need = (k_pad / 16 + kUnroll - 1) / kUnroll;
   if (need <= 32) {
-    launch_sparsify<kBF16, 32>(x, ldx, M, K, m_pad, k_pad, a_comp, e, scale, norm, eps, swap_nibbles, stream);
+    launch_sparsify<kBF16, 32>(x, ldx, M, K, m_pad, k_pad, a_comp, e, scale, norm, eps, swap_nibbles, tail, rank, stream);
   } else if (need <= 64) {
-    launch_sparsify<kBF16, 64>(x, ldx, M, K, m_pad, k_pad, a_comp, e, scale, norm, eps, swap_nibbles, stream);
+    launch_sparsify<kBF16, 64>(x, ldx, M, K, m_pad, k_pad, a_comp, e, scale, norm, eps, swap_nibbles, tail, rank, stream);
   } else if (need <= 128) {
-    launch_sparsify<kBF16, 128>(x, ldx, M, K, m_pad, k_pad, a_comp, e, scale, norm, eps, swap_nibbles, stream);
+    launch_sparsify<kBF16, 128>(x, ldx, M, K, m_pad, k_pad, a_comp, e, scale, norm, eps, swap_nibbles, tail, rank, stream);
   } else {
-    launch_sparsify<kBF16, 256>(x, ldx, M, K, m_pad, k_pad, a_comp, e, scale, norm, eps, swap_nibbles, stream);
+    launch_sparsify<kBF16, 256>(x, ldx, M, K, m_pad, k_pad, a_comp, e, scale, norm, eps, swap_nibbles, tail, rank, stream);
   }
 }
 
 }  // namespace
 
+// a_comp holds M rows of K/2 + rank values; e covers K + 2 rank logical columns (lynx_metadata_bytes(M, K + 2 rank)).
+// tail (M x rank, or nullptr with rank 0): the LoRA down-projection, appended as described at the top.
 extern "C" int lynx_sparsify_2to4(int is_bf16, const void* x, long long ldx, int M, int K, void* a_comp, void* e,
-                                  float* scale, int norm, float eps, int swap_nibbles, cudaStream_t stream) {
+                                  float* scale, int norm, float eps, int swap_nibbles, const void* tail, int rank,
+                                  cudaStream_t stream) {
   if (M < 0 || K <= 0 || (K % 16) != 0 || (ldx % 8) != 0) return -1;
+  if (rank < 0 || (rank % 8) != 0 || (rank > 0) != (tail != nullptr)) return -1;
   const int m_pad = (M + 63) / 64 * 64;
-  const int k_pad = (K + 127) / 128 * 128;
+  const int k_pad = (K + 2 * rank + 127) / 128 * 128;
   if (m_pad == 0) return 0;
   if (is_bf16) {
-    dispatch_sparsify<true>(x, ldx, M, K, m_pad, k_pad, a_comp, e, scale, norm, eps, swap_nibbles, stream);
+    dispatch_sparsify<true>(x, ldx, M, K, m_pad, k_pad, a_comp, e, scale, norm, eps, swap_nibbles, tail, rank, stream);
   } else {
-    dispatch_sparsify<false>(x, ldx, M, K, m_pad, k_pad, a_comp, e, scale, norm, eps, swap_nibbles, stream);
+    dispatch_sparsify<false>(x, ldx, M, K, m_pad, k_pad, a_comp, e, scale, norm, eps, swap_nibbles, tail, rank, stream);
   }
   return static_cast<int>(cudaGetLastError());
 }

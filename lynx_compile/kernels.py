@@ -29,6 +29,7 @@ import tempfile
 import threading
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -42,6 +43,7 @@ __all__ = [
     "compress_2to4",
     "sparse_mm_compressed",
     "sparse_linear_cuda",
+    "sparse_linear_lora_cuda",
     "metadata_bytes",
     "gemm_configs",
     "choose_config",
@@ -193,14 +195,13 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.lynx_config_name.restype = c.c_char_p
     lib.lynx_config_name.argtypes = [c.c_int]
     lib.lynx_config_is_bf16.argtypes = [c.c_int]
-    lib.lynx_config_has_c.argtypes = [c.c_int]
     lib.lynx_sparsify_2to4.restype = c.c_int
     lib.lynx_sparsify_2to4.argtypes = [c.c_int, c.c_void_p, c.c_longlong, c.c_int, c.c_int, c.c_void_p, c.c_void_p,
-                                       c.c_void_p, c.c_int, c.c_float, c.c_int, c.c_void_p]
+                                       c.c_void_p, c.c_int, c.c_float, c.c_int, c.c_void_p, c.c_int, c.c_void_p]
     lib.lynx_metadata_bytes.restype = c.c_longlong
     lib.lynx_metadata_bytes.argtypes = [c.c_int, c.c_int]
     lib.lynx_sparse_gemm.restype = c.c_int
-    lib.lynx_sparse_gemm.argtypes = [c.c_int, c.c_void_p, c.c_void_p, c.c_void_p, c.c_void_p, c.c_void_p, c.c_void_p,
+    lib.lynx_sparse_gemm.argtypes = [c.c_int, c.c_void_p, c.c_void_p, c.c_void_p, c.c_void_p, c.c_void_p,
                                      c.c_void_p, c.c_int, c.c_int, c.c_int, c.c_int, c.c_int, c.c_int, c.c_int,
                                      c.c_int, c.c_void_p, c.c_size_t, c.c_void_p]
     lib.lynx_sparse_gemm_workspace.restype = c.c_longlong
@@ -221,7 +222,7 @@ def _load() -> ctypes.CDLL | None:
             path = build()
             lib = ctypes.CDLL(str(path))
             _declare(lib)
-            if lib.lynx_abi_version() != 1:
+            if lib.lynx_abi_version() != 2:
                 raise RuntimeError("library ABI version mismatch")
             _lib = lib
         except Exception as exc:  # noqa: BLE001 - any failure means "not available", with the reason kept
@@ -284,12 +285,12 @@ def slower_than_dense(out_features: int) -> str | None:
     """Why sparse would lose to cuBLAS on this layer, from benchmarks/results/gemm-*.json (H100).
 
     With few output features the separate sparsify pass (a read of X, a write of half of it)
-    costs more than the sparse GEMM saves: 0.72x, 0.78x and 0.88x of cuBLAS end to end at
-    N = 1152, against 1.06-1.52x from N = 3456 up.
+    costs more than the sparse GEMM saves: 0.74x, 0.80x and 0.88x of cuBLAS end to end at
+    N = 1152, against 1.08-1.44x from N = 3456 up (M >= 4096; 0.69x at M = 512).
     """
     if out_features < SLOWER_BELOW_OUT_FEATURES:
         return (f"out_features {out_features} < {SLOWER_BELOW_OUT_FEATURES}: sparsify + sparse GEMM measured "
-                "slower than cuBLAS there (0.72-0.88x on H100)")
+                "slower than cuBLAS there (0.74-0.88x on H100)")
     return None
 
 
@@ -348,7 +349,7 @@ def _heuristic(dtype: torch.dtype, M: int, N: int, K: int) -> tuple[str, int, in
     return f"{prefix}_{hit[0]}", hit[1], hit[2]
 
 
-def choose_config(dtype: torch.dtype, M: int, N: int, K: int, has_c: bool = False) -> tuple[int, int, int]:
+def choose_config(dtype: torch.dtype, M: int, N: int, K: int) -> tuple[int, int, int]:
     """(config index, swizzle, raster) for this shape. ``LYNX_GEMM_CONFIG=name[:swizzle[:raster]]``, set
     before import, overrides."""
     cfgs = gemm_configs()
@@ -358,10 +359,8 @@ def choose_config(dtype: torch.dtype, M: int, N: int, K: int, has_c: bool = Fals
         name, swz, ras = parts[0], int(parts[1]) if len(parts) > 1 else 1, int(parts[2]) if len(parts) > 2 else 0
     else:
         name, swz, ras = _heuristic(dtype, M, N, K)
-    if has_c:
-        name = f"{prefix}_128x128_c1x2_coop_c"
     if name not in cfgs or not name.startswith(prefix):
-        name = f"{prefix}_128x128_c1x2_coop" + ("_c" if has_c else "")
+        name = f"{prefix}_128x128_c1x2_coop"
     return cfgs[name], swz, ras
 
 
@@ -402,30 +401,40 @@ def _aligned(t: Tensor) -> Tensor:
 
 
 @functools.lru_cache(maxsize=4096)  # per call of every sparse layer: host time is what small GEMMs lack
-def _gemm_plan(dtype: torch.dtype, M: int, N: int, K: int, has_c: bool, dev: int) -> tuple[int, int, int, int]:
-    """(config index, swizzle, raster, workspace bytes) of one GEMM shape on one device."""
-    cfg, swz, ras = choose_config(dtype, M, N, K, has_c)
+def _gemm_plan(dtype: torch.dtype, M: int, N: int, K: int, layer_k: int, dev: int) -> tuple[int, int, int, int]:
+    """(config index, swizzle, raster, workspace bytes) of one GEMM shape on one device; the configuration
+    is the one tuned for the layer's own in_features ``layer_k`` (K less any folded-LoRA columns)."""
+    cfg, swz, ras = choose_config(dtype, M, N, layer_k)
     return cfg, swz, ras, int(_load().lynx_sparse_gemm_workspace(cfg, M, N, K, _sm_count(dev)))
 
 
 def compress_2to4(x2d: Tensor, norm_compensation: bool = True, eps: float = ops.NORM_EPS,
-                  _swap_nibbles: bool = False, *, stream: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                  _swap_nibbles: bool = False, *, lora_tail: Tensor | None = None,
+                  stream: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """2:4-sparsify a (M, K) bf16/fp16 CUDA tensor in one pass (K a multiple of 16; call on x's device).
 
-    Returns ``(values (M, K/2), metadata (bytes, CUTLASS sm90 layout), scale (M,) fp32)``.
+    Returns ``(values (M, K/2 + r), metadata (bytes, CUTLASS sm90 layout, K + 2r logical columns),
+    scale (M,) fp32)``. ``lora_tail`` (M, r), r a multiple of 8, is ``x2d @ lora_down.T``: each row
+    of it, divided by the row's scale, is appended to the row's values as the kept entries 0 and 1
+    of r/2 extra groups, the folded LoRA of :func:`lynx_compile.ops.pack_lora`.
     """
     lib = _load()
     assert lib is not None, _lib_error
     x2d = _aligned(x2d)
     M, K = x2d.shape
-    values = torch.empty((M, K // 2), dtype=x2d.dtype, device=x2d.device)
-    meta = torch.empty((metadata_bytes(M, K),), dtype=torch.uint8, device=x2d.device)
+    rank = 0
+    if lora_tail is not None:
+        lora_tail = _aligned(lora_tail)
+        rank = lora_tail.shape[1]
+        assert lora_tail.shape[0] == M and lora_tail.dtype == x2d.dtype and rank % 8 == 0, tuple(lora_tail.shape)
+    values = torch.empty((M, K // 2 + rank), dtype=x2d.dtype, device=x2d.device)
+    meta = torch.empty((metadata_bytes(M, K + 2 * rank),), dtype=torch.uint8, device=x2d.device)
     scale = torch.empty((M,), dtype=torch.float32, device=x2d.device)
     if M > 0:
         stream = torch.cuda.current_stream(x2d.device).cuda_stream if stream is None else stream
         rc = lib.lynx_sparsify_2to4(int(x2d.dtype == torch.bfloat16), x2d.data_ptr(), K, M, K, values.data_ptr(),
                                     meta.data_ptr(), scale.data_ptr(), int(norm_compensation), float(eps),
-                                    int(_swap_nibbles), stream)
+                                    int(_swap_nibbles), lora_tail.data_ptr() if rank else None, rank, stream)
         _check(rc, "sparsify")
     return values, meta, scale
 
@@ -441,18 +450,20 @@ def _workspace(dev: int, nbytes: int) -> Tensor | None:
 
 
 def sparse_mm_compressed(values: Tensor, meta: Tensor, scale: Tensor | None, weight: Tensor, bias: Tensor | None = None,
-                         c: Tensor | None = None, out: Tensor | None = None,
-                         config: tuple[int, int, int] | None = None, *, stream: int | None = None) -> Tensor:
-    """``scale[:, None] * (A~ @ weight.T) + bias (+ c)`` from the compressed activation; (M, N) output.
+                         out: Tensor | None = None, config: tuple[int, int, int] | None = None, *,
+                         layer_k: int | None = None, stream: int | None = None) -> Tensor:
+    """``scale[:, None] * (A~ @ weight.T) + bias`` from the compressed activation; (M, N) output.
 
     Call with the tensors' device current (``sparse_linear_cuda`` does). ``config`` = (index, swizzle, raster)
-    overrides the per-shape heuristic (see :func:`choose_config`); ``stream`` (a ``cudaStream_t``)
-    the current stream.
+    overrides the per-shape heuristic (see :func:`choose_config`), which otherwise picks for ``layer_k`` input
+    features (default: all K; a folded LoRA's extra columns run on the layer's own configuration);
+    ``stream`` (a ``cudaStream_t``) the current stream.
     """
     lib = _load()
     assert lib is not None, _lib_error
     M, K = values.shape[0], values.shape[1] * 2
     N = weight.shape[0]
+    assert weight.shape[1] == K, f"weight {tuple(weight.shape)} does not match {K} logical input columns"
     dev = values.device.index if values.device.index is not None else torch.cuda.current_device()
     if out is None:
         out = torch.empty((M, N), dtype=values.dtype, device=values.device)
@@ -461,11 +472,9 @@ def sparse_mm_compressed(values: Tensor, meta: Tensor, scale: Tensor | None, wei
     weight = _aligned(weight)
     if bias is not None:
         bias = _aligned(bias if bias.dtype == values.dtype else bias.to(values.dtype))
-    if c is not None:
-        c = _aligned(c if c.dtype == values.dtype else c.to(values.dtype))
     sms = _sm_count(dev)
     if config is None:
-        cfg, swz, ras, ws_bytes = _gemm_plan(values.dtype, M, N, K, c is not None, dev)
+        cfg, swz, ras, ws_bytes = _gemm_plan(values.dtype, M, N, K, layer_k or K, dev)
     else:
         cfg, swz, ras = config
         ws_bytes = int(lib.lynx_sparse_gemm_workspace(cfg, M, N, K, sms))
@@ -474,8 +483,7 @@ def sparse_mm_compressed(values: Tensor, meta: Tensor, scale: Tensor | None, wei
         stream = torch.cuda.current_stream(values.device).cuda_stream
     rc = lib.lynx_sparse_gemm(cfg, values.data_ptr(), meta.data_ptr(), weight.data_ptr(),
                               scale.data_ptr() if scale is not None else None,
-                              bias.data_ptr() if bias is not None else None,
-                              c.data_ptr() if c is not None else None, out.data_ptr(), M, N, K, swz, ras, dev, sms,
+                              bias.data_ptr() if bias is not None else None, out.data_ptr(), M, N, K, swz, ras, dev, sms,
                               int(_PDL), ws.data_ptr() if ws is not None else None, ws.numel() if ws is not None else 0, stream)
     _check(rc, "sparse GEMM")
     return out
@@ -484,34 +492,38 @@ def sparse_mm_compressed(values: Tensor, meta: Tensor, scale: Tensor | None, wei
 _runtime_reasons: dict[tuple, str | None] = {}
 
 
-def _runtime_reason(x: Tensor, weight: Tensor, n: int, m: int) -> str | None:
-    # Cached per layer signature: this runs on every call, and host time is what a DiT forward
-    # of ~100 small sparse GEMMs is short of.
-    key = (x.device, weight.device, x.dtype, weight.dtype, x.shape[-1], weight.shape[0], n, m)
+def _runtime_reason(x: Tensor, weight: Tensor, n: int, m: int, others: tuple[Tensor | None, ...],
+                    check_args: Callable[[], None]) -> str | None:
+    """Why the kernel can't take this call (None: it can), after ``check_args`` raised on bad arguments.
+
+    Cached per call signature (devices, dtypes, shapes but the token count): this runs on every call,
+    host time is what a DiT forward of ~100 small sparse GEMMs is short of, and the op's
+    ``torch._check``s alone cost tens of microseconds.
+    """
+    key = (x.device, weight.device, x.dtype, weight.dtype, x.shape[-1], weight.shape, n, m,
+           *((None, None) if t is None else (t.shape, t.dtype) for t in others))
     if key not in _runtime_reasons:
+        check_args()
         if x.device.type != "cuda" or weight.device != x.device:
             reason = "not on one CUDA device"
-        elif x.dtype != weight.dtype:
-            reason = "dtype mismatch"
         else:
             reason = unsupported_reason(x.device, x.dtype, x.shape[-1], weight.shape[0], n, m)
         _runtime_reasons[key] = reason
     return _runtime_reasons[key]
 
 
-_warned: set[str] = set()
+_warned: set[tuple[str, str]] = set()
 
 
-def sparse_linear_cuda(x: Tensor, weight: Tensor, bias: Tensor | None, n: int, m: int, norm_compensation: bool,
-                       eps: float = ops.NORM_EPS, lora_down: Tensor | None = None,
-                       lora_up: Tensor | None = None) -> Tensor:
-    """CUDA implementation of ``lynx::sparse_linear``; falls back to the reference when the kernel can't take it."""
-    reason = _runtime_reason(x, weight, n, m)
-    if reason is not None:
-        if reason not in _warned:
-            _warned.add(reason)
-            warnings.warn(f"lynx::sparse_linear: using the reference implementation ({reason})", stacklevel=2)
-        return ops.sparse_linear_reference(x, weight, bias, n, m, norm_compensation, eps, lora_down, lora_up)
+def _reference_fallback(op: str, reason: str) -> None:
+    if (op, reason) not in _warned:
+        _warned.add((op, reason))
+        warnings.warn(f"lynx::{op}: using the reference implementation ({reason})", stacklevel=3)
+
+
+def _launch(x: Tensor, weight: Tensor, bias: Tensor | None, norm_compensation: bool, eps: float,
+            lora_down: Tensor | None) -> Tensor:
+    """Sparsify x (appending ``x @ lora_down.T`` when given) and run the one sparse GEMM against ``weight``."""
     lead = x.shape[:-1]
     K, N = x.shape[-1], weight.shape[0]
     x2 = x.reshape(-1, K)
@@ -519,22 +531,51 @@ def sparse_linear_cuda(x: Tensor, weight: Tensor, bias: Tensor | None, n: int, m
     out = torch.empty((M, N), dtype=x.dtype, device=x.device)
     if M == 0:
         return out.reshape(*lead, N)
-    c = None
-    if lora_down is not None and lora_up is not None:
-        c = (x2 @ lora_down.to(x.dtype).t()) @ lora_up.to(x.dtype).t()
     # The library launches on the calling thread's current device; switch only when it differs.
     on_device = contextlib.nullcontext() if x.device.index == torch.cuda.current_device() else torch.cuda.device(x.device)
     with on_device:
         stream = torch.cuda.current_stream(x.device).cuda_stream
-        values, meta, scale = compress_2to4(x2, norm_compensation, eps, stream=stream)
-        sparse_mm_compressed(values, meta, scale, weight, bias, c, out=out, stream=stream)
+        lora_tail = x2 @ lora_down.t() if lora_down is not None else None
+        values, meta, scale = compress_2to4(x2, norm_compensation, eps, lora_tail=lora_tail, stream=stream)
+        sparse_mm_compressed(values, meta, scale, weight, bias, out=out, layer_k=K, stream=stream)
     return out.reshape(*lead, N)
+
+
+def sparse_linear_cuda(x: Tensor, weight: Tensor, bias: Tensor | None, n: int, m: int, norm_compensation: bool,
+                       eps: float = ops.NORM_EPS, lora_down: Tensor | None = None,
+                       lora_up: Tensor | None = None) -> Tensor:
+    """CUDA implementation of ``lynx::sparse_linear``; falls back to the reference when the kernel can't take it.
+
+    With LoRA factors it packs them per call (:func:`lynx_compile.ops.pack_lora`, a copy of the
+    weight); the backend instead packs once at compile time and calls ``lynx::sparse_linear_lora``.
+    """
+    reason = _runtime_reason(x, weight, n, m, (bias, lora_down, lora_up),
+                             lambda: ops.check_linear(x, weight, bias, n, m, lora_down, lora_up))
+    if reason is not None:
+        _reference_fallback("sparse_linear", reason)
+        return ops.sparse_linear_reference(x, weight, bias, n, m, norm_compensation, eps, lora_down, lora_up)
+    if lora_down is not None and lora_up is not None:
+        weight, lora_down = ops.pack_lora(weight, lora_down.to(x.dtype), lora_up.to(x.dtype))
+    return _launch(x, weight, bias, norm_compensation, eps, lora_down)
+
+
+def sparse_linear_lora_cuda(x: Tensor, weight_lora: Tensor, bias: Tensor | None, n: int, m: int,
+                            norm_compensation: bool, eps: float, lora_down: Tensor) -> Tensor:
+    """CUDA implementation of ``lynx::sparse_linear_lora``: the down-projection, then one sparsify pass that
+    appends it to the compressed tokens, then one sparse GEMM over K + 2r columns."""
+    reason = _runtime_reason(x, weight_lora, n, m, (bias, lora_down),
+                             lambda: ops.check_linear_lora(x, weight_lora, bias, n, m, lora_down))
+    if reason is not None or lora_down.shape[0] % 8 != 0:
+        _reference_fallback("sparse_linear_lora", reason or f"LoRA rank {lora_down.shape[0]} not a multiple of 8 (use ops.pack_lora)")
+        return ops.sparse_linear_lora(x, weight_lora, bias, n, m, norm_compensation, eps, lora_down)
+    return _launch(x, weight_lora, bias, norm_compensation, eps, lora_down)
 
 
 def _register() -> None:
     if not _cuda_ok():
         return
     torch.library.impl("lynx::sparse_linear", "cuda")(sparse_linear_cuda)
+    torch.library.impl("lynx::sparse_linear_lora", "cuda")(sparse_linear_lora_cuda)
 
 
 try:

@@ -106,7 +106,7 @@ def sparse_linear_reference(
     return out.to(x.dtype)
 
 
-def _check_linear(x: Tensor, weight: Tensor, bias: Tensor | None, n: int, m: int,
+def check_linear(x: Tensor, weight: Tensor, bias: Tensor | None, n: int, m: int,
                   lora_down: Tensor | None, lora_up: Tensor | None) -> None:
     _check_pattern(x, n, m)
     torch._check(weight.dim() == 2, lambda: f"lynx: weight must be 2-D (out, in), got {tuple(weight.shape)}")
@@ -124,6 +124,40 @@ def _check_linear(x: Tensor, weight: Tensor, bias: Tensor | None, n: int, m: int
             and lora_up.shape[0] == weight.shape[0] and lora_down.shape[0] == lora_up.shape[1],
             lambda: f"lynx: LoRA factors {tuple(lora_down.shape)} / {tuple(lora_up.shape)} do not fit weight {tuple(weight.shape)}",
         )
+
+
+LORA_RANK_MULTIPLE = 32
+"""Folded LoRA ranks are padded with zero factors to a multiple of this: the 2r logical columns the fold
+adds then keep in_features a multiple of the CUDA kernel's 64."""
+
+
+def pack_lora(weight: Tensor, lora_down: Tensor, lora_up: Tensor) -> tuple[Tensor, Tensor]:
+    """Fold a LoRA into extra K columns of one 2:4 sparse GEMM: ``(weight_lora, lora_down)`` for
+    :func:`sparse_linear_lora`, made once per layer at compile time.
+
+    ``weight_lora`` is (N, K + 2r) with r the rank padded to ``LORA_RANK_MULTIPLE``: ``weight``
+    followed by ``lora_up`` spread over 2:4 groups, its columns 2g and 2g + 1 at K + 4g and
+    K + 4g + 1, zeros at K + 4g + 2 and K + 4g + 3. The kernel appends ``x @ lora_down.T`` to each
+    compressed token as the kept entries 0 and 1 of those groups, so the one GEMM adds the LoRA term.
+    It costs a second copy of the layer's weight.
+    """
+    n_out, k = weight.shape
+    rank = lora_down.shape[0]
+    padded = -(-rank // LORA_RANK_MULTIPLE) * LORA_RANK_MULTIPLE
+    down = lora_down.new_zeros((padded, k))
+    down[:rank] = lora_down
+    up = lora_up.new_zeros((n_out, padded))
+    up[:, :rank] = lora_up
+    spread = weight.new_zeros((n_out, padded // 2, 4))
+    spread[..., :2] = up.reshape(n_out, padded // 2, 2)
+    return torch.cat([weight, spread.reshape(n_out, 2 * padded)], dim=1), down
+
+
+def unpack_lora_weight(weight_lora: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+    """``(weight (N, K), lora_up (N, rank))`` back from :func:`pack_lora`'s ``weight_lora``."""
+    n_out, k = weight_lora.shape[0], weight_lora.shape[1] - 2 * rank
+    spread = weight_lora[:, k:].reshape(n_out, rank // 2, 4)
+    return weight_lora[:, :k], spread[..., :2].reshape(n_out, rank)
 
 
 # Defined with torch.library.define rather than custom_op: a model calls this op once per sparse
@@ -154,11 +188,52 @@ def sparse_linear(
     ``weight`` is (N, K) as in ``nn.Linear``; ``lora_down`` is (r, K) and ``lora_up`` (N, r).
     The LoRA branch sees the dense ``x``. Output: (..., N) in ``x``'s dtype.
     """
-    _check_linear(x, weight, bias, n, m, lora_down, lora_up)
+    check_linear(x, weight, bias, n, m, lora_down, lora_up)
     return sparse_linear_reference(x, weight, bias, n, m, norm_compensation, eps, lora_down, lora_up)
 
 
 @torch.library.register_fake("lynx::sparse_linear")
 def _(x, weight, bias, n, m, norm_compensation, eps=NORM_EPS, lora_down=None, lora_up=None):
-    _check_linear(x, weight, bias, n, m, lora_down, lora_up)
+    check_linear(x, weight, bias, n, m, lora_down, lora_up)
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def check_linear_lora(x: Tensor, weight_lora: Tensor, bias: Tensor | None, n: int, m: int, lora_down: Tensor) -> None:
+    _check_pattern(x, n, m)
+    torch._check(
+        lora_down.dim() == 2 and lora_down.shape[1] == x.shape[-1] and lora_down.shape[0] % 2 == 0,
+        lambda: f"lynx: lora_down {tuple(lora_down.shape)} must be (r, {x.shape[-1]}) with r even",
+    )
+    torch._check(
+        weight_lora.dim() == 2 and weight_lora.shape[1] == x.shape[-1] + 2 * lora_down.shape[0],
+        lambda: f"lynx: weight_lora {tuple(weight_lora.shape)} must be (out, in + 2r) = (out, "
+        f"{x.shape[-1] + 2 * lora_down.shape[0]}) for input features {x.shape[-1]} and rank {lora_down.shape[0]}",
+    )
+    torch._check(x.dtype == weight_lora.dtype == lora_down.dtype,
+                 lambda: f"lynx: dtypes differ: input {x.dtype}, weight_lora {weight_lora.dtype}, lora_down {lora_down.dtype}")
+    if bias is not None:
+        torch._check(tuple(bias.shape) == (weight_lora.shape[0],),
+                     lambda: f"lynx: bias shape {tuple(bias.shape)} != ({weight_lora.shape[0]},)")
+
+
+torch.library.define(
+    "lynx::sparse_linear_lora",
+    "(Tensor x, Tensor weight_lora, Tensor? bias, int n, int m, bool norm_compensation, float eps, "
+    "Tensor lora_down) -> Tensor",
+)
+
+
+@torch.library.impl("lynx::sparse_linear_lora", "CompositeExplicitAutograd")
+def sparse_linear_lora(x: Tensor, weight_lora: Tensor, bias: Tensor | None, n: int, m: int,
+                       norm_compensation: bool, eps: float, lora_down: Tensor) -> Tensor:
+    """:func:`sparse_linear` with its LoRA folded: ``weight_lora`` and ``lora_down`` come from
+    :func:`pack_lora`, which the graph pass runs once per layer. Same function, one sparse GEMM on GPU."""
+    check_linear_lora(x, weight_lora, bias, n, m, lora_down)
+    weight, lora_up = unpack_lora_weight(weight_lora, lora_down.shape[0])
+    return sparse_linear_reference(x, weight, bias, n, m, norm_compensation, eps, lora_down, lora_up)
+
+
+@torch.library.register_fake("lynx::sparse_linear_lora")
+def _(x, weight_lora, bias, n, m, norm_compensation, eps, lora_down):
+    check_linear_lora(x, weight_lora, bias, n, m, lora_down)
+    return x.new_empty((*x.shape[:-1], weight_lora.shape[0]))

@@ -126,13 +126,16 @@ def test_folded_graph_matches_the_unfolded_eager_computation(dit, comp):
         out = torch.compile(dit, backend=backend, fullgraph=True)(*inputs)
     torch._dynamo.reset()
     assert relative_error(out, lora_reference(dit, inputs, comp)) < 1e-5
-    # One lynx.sparse_linear per sparse layer, each carrying its factors; nothing else reads them.
+    # One lynx.sparse_linear_lora per sparse layer, carrying its packed weight and down-projection;
+    # nothing else reads them, and no separate LoRA GEMM is left in the graph.
     (gm,) = graphs
-    calls = [node for node in gm.graph.nodes if node.target is torch.ops.lynx.sparse_linear.default]
+    calls = [node for node in gm.graph.nodes if node.target is torch.ops.lynx.sparse_linear_lora.default]
     assert len(calls) == len(recorder.report.sparse) == len(comp)
     factors = {node for node in gm.graph.nodes if node.op == "get_attr" and "lora" in str(node.target)}
     assert len(factors) == 2 * len(comp)
-    assert all(node.args[7] in factors and node.args[8] in factors for node in calls)
+    assert all(node.args[1] in factors and node.args[7] in factors for node in calls)
+    assert not [node for node in gm.graph.nodes if node.target in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default,
+                                                                   torch.ops.lynx.sparse_linear.default)]
     assert all(set(node.users) <= set(calls) for node in factors)
     assert {layer.compensation for layer in recorder.report.sparse} == {"lora"}
 

@@ -67,6 +67,23 @@ def test_compress_matches_reference_selection(K, dtype, M, Kf):
     torch.testing.assert_close(scale, ref_scale.view(-1), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("M,Kf,rank", [(5, 128, 8), (200, 1152, 64), (70, 4608, 32), (3, 20480, 64)])
+def test_compress_appends_the_lora_tail_divided_by_the_scale(K, M, Kf, rank):
+    x = torch.randn(M, Kf, device="cuda").to(torch.bfloat16)
+    x[1] = 0  # s = 0: its tail must be 0, not 0/0
+    tail = torch.randn(M, rank, device="cuda").to(torch.bfloat16)
+    values, meta, scale = K.compress_2to4(x, True, lora_tail=tail)
+    assert values.shape == (M, Kf // 2 + rank)
+    dense = decode(values, meta, M, Kf + 2 * rank)
+    kept, ref_scale = ops.sparsify_reference(x, 2, 4, True, ops.NORM_EPS)
+    assert torch.equal(dense[:, :Kf].view(torch.int16), kept.view(torch.int16))
+    groups = dense[:, Kf:].reshape(M, rank // 2, 4)
+    assert torch.equal(groups[..., 2:], torch.zeros_like(groups[..., 2:])), "tail not in entries 0 and 1"
+    scale_col = ref_scale.view(-1, 1)
+    expected = torch.where(scale_col > 0, tail.float() / scale_col, 0.0)
+    torch.testing.assert_close(groups[..., :2].reshape(M, rank).float(), expected, rtol=1e-2, atol=0)
+
+
 def _mask_from(values, meta, M, Kf):
     # mark kept positions with 1 regardless of value (a kept value can be 0)
     ones = torch.ones_like(values)
@@ -159,6 +176,24 @@ def test_no_norm_compensation_and_lora(K, dtype):
     assert relative_error(out, reference64(x, w, b, True, down, up)) < REL_TOL[dtype]
 
 
+@pytest.mark.parametrize("norm", [True, False])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,Kf,N,rank", [(257, 1152, 576, 64), (64, 256, 128, 8), (1000, 3072, 1024, 40)])
+def test_folded_lora_matches_the_reference(K, dtype, norm, M, Kf, N, rank):
+    x = torch.randn(M, Kf, device="cuda").to(dtype)
+    x[0] = 0  # s = 0 and no LoRA term: the row is the bias
+    w = (torch.randn(N, Kf, device="cuda") / Kf ** 0.5).to(dtype)
+    b = torch.randn(N, device="cuda").to(dtype)
+    down = (torch.randn(rank, Kf, device="cuda") / Kf ** 0.5).to(dtype)
+    up = (torch.randn(N, rank, device="cuda") / rank ** 0.5).to(dtype)
+    weight_lora, down_padded = ops.pack_lora(w, down, up)
+    out = _poisoned_call(
+        lambda: torch.ops.lynx.sparse_linear_lora(x, weight_lora, b, 2, 4, norm, ops.NORM_EPS, down_padded), (M, N), dtype)
+    assert torch.isfinite(out).all()
+    assert relative_error(out, reference64(x, w, b, norm, down, up)) < REL_TOL[dtype]
+    torch.testing.assert_close(out[0], b)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_ties_zeros_inf_nan_rows(K, dtype):
     M, Kf, N = 70, 256, 128
@@ -233,6 +268,8 @@ def test_opcheck(K, dtype):
     down = (torch.randn(8, 256, device="cuda") / 16).to(dtype)
     up = (torch.randn(128, 8, device="cuda") / 3).to(dtype)
     torch.library.opcheck(torch.ops.lynx.sparse_linear.default, (x, w, None, 2, 4, False, 1e-12, down, up))
+    weight_lora, down = ops.pack_lora(w, down, up)
+    torch.library.opcheck(torch.ops.lynx.sparse_linear_lora.default, (x, weight_lora, b, 2, 4, True, 1e-12, down))
 
 
 SPECIAL_VALUES = [0.0, -0.0, 1.0, -1.0, 1e-40, float("inf"), float("-inf"), float("nan"), 2.0, -2.0]

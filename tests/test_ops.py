@@ -61,6 +61,32 @@ def test_lora_branch_sees_the_dense_input():
     torch.testing.assert_close(out - base, x @ down.t() @ up.t())
 
 
+@pytest.mark.parametrize("rank", [6, 32, 40])
+def test_packed_lora_computes_the_unfolded_function(rank):
+    x, w, b = (torch.randn(*shape, dtype=torch.float64) for shape in ((2, 7, 64), (24, 64), (24,)))
+    down, up = torch.randn(rank, 64, dtype=torch.float64), torch.randn(24, rank, dtype=torch.float64)
+    weight_lora, down_padded = ops.pack_lora(w, down, up)
+    padded = -(-rank // ops.LORA_RANK_MULTIPLE) * ops.LORA_RANK_MULTIPLE
+    assert weight_lora.shape == (24, 64 + 2 * padded) and down_padded.shape == (padded, 64)
+    # The layout the kernel relies on: lora_up's columns 2g, 2g+1 at K+4g, K+4g+1; zeros at K+4g+2, K+4g+3.
+    groups = weight_lora[:, 64:].reshape(24, padded // 2, 4)
+    assert torch.equal(groups[..., 2:], torch.zeros_like(groups[..., 2:]))
+    assert torch.equal(groups[..., :2].reshape(24, padded)[:, :rank], up)
+    unpacked_w, unpacked_up = ops.unpack_lora_weight(weight_lora, padded)
+    assert torch.equal(unpacked_w, w) and torch.equal(unpacked_up[:, :rank], up)
+    folded = torch.ops.lynx.sparse_linear_lora(x, weight_lora, b, 2, 4, True, 1e-12, down_padded)
+    torch.testing.assert_close(folded, torch.ops.lynx.sparse_linear(x, w, b, 2, 4, True, 1e-12, down, up))
+
+
+def test_packed_lora_that_does_not_fit_raises_a_clear_error():
+    x, w = torch.randn(3, 32), torch.randn(16, 32)
+    weight_lora, down = ops.pack_lora(w, torch.randn(4, 32), torch.randn(16, 4))
+    with pytest.raises(RuntimeError, match=r"weight_lora \(16, 96\) must be \(out, in \+ 2r\) = \(out, 160\)"):
+        torch.ops.lynx.sparse_linear_lora(x, weight_lora, None, 2, 4, True, 1e-12, torch.randn(64, 32))
+    with pytest.raises(RuntimeError, match="dtypes differ"):
+        torch.ops.lynx.sparse_linear_lora(x, weight_lora, None, 2, 4, True, 1e-12, down.double())
+
+
 def test_empty_and_single_token_inputs():
     w = torch.randn(8, 16)
     assert torch.ops.lynx.sparse_linear(torch.randn(0, 16), w, None, 2, 4, True).shape == (0, 8)
@@ -86,3 +112,5 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.lynx.sparsify.default, (x, 2, 4, True, 1e-12))
     down, up = torch.randn(4, 32), torch.randn(16, 4)
     torch.library.opcheck(torch.ops.lynx.sparse_linear.default, (x, w, None, 1, 4, False, 1e-12, down, up))
+    weight_lora, down = ops.pack_lora(w, down, up)
+    torch.library.opcheck(torch.ops.lynx.sparse_linear_lora.default, (x, weight_lora, b, 2, 4, True, 1e-12, down))

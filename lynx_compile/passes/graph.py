@@ -159,7 +159,8 @@ class PassContext:
         return node
 
     def fake(self, tensor: torch.Tensor) -> Any:
-        return self.fake_mode.from_tensor(tensor) if self.fake_mode is not None else None
+        # Static: a constant made here has no Dynamo source, so a symbolic size of it could not be guarded.
+        return self.fake_mode.from_tensor(tensor, static_shapes=True) if self.fake_mode is not None else None
 
     def add_constant(self, name_hint: str, tensor: torch.Tensor, before: fx.Node) -> fx.Node:
         """Attach ``tensor`` to the graph module as a constant and return its get_attr node."""

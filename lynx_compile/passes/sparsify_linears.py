@@ -3,9 +3,12 @@
 Matches:
     ``torch.nn.functional.linear(x, W, b)`` whose ``node.meta["lynx"]`` decision is ``sparse``.
 Replaces with:
-    ``torch.ops.lynx.sparse_linear(x, W, b, n, m, norm_compensation, eps, lora_down, lora_up)``:
-    N:M selection, norm compensation and the optional LoRA correction folded into one op, so
-    Inductor sees a single extern call per layer and compiles everything around it.
+    ``torch.ops.lynx.sparse_linear(x, W, b, n, m, norm_compensation, eps)``: N:M selection and
+    norm compensation in one op, so Inductor sees a single extern call per layer and compiles
+    everything around it. A layer with calibrated LoRA factors gets
+    ``torch.ops.lynx.sparse_linear_lora(x, W_lora, b, n, m, norm_compensation, eps, lora_down)``
+    instead: ``W_lora`` is W with lora_up appended as extra 2:4 K columns (``ops.pack_lora``,
+    a constant made here once), so the LoRA term rides in the same sparse GEMM.
     LoRA factors that do not fit the layer's weight raise ValueError naming the layer.
 """
 
@@ -14,6 +17,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
+from .. import ops
 from .graph import PassContext, fake_value, set_fake_value, submodule_names_hint
 from .select_linears import is_linear
 
@@ -47,22 +51,24 @@ def sparsify_linears(gm: fx.GraphModule, ctx: PassContext) -> None:
             continue
         x, weight = node.args[0], node.args[1]
         bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-        lora_down = lora_up = None
-        if config.compensation == "lora":
-            if decision.name in lora_factors:
-                down, up = lora_factors[decision.name]
-                _check_factors(decision.name, down, up, ctx.constant(weight))
-                device, dtype = fake_value(x).device, fake_value(x).dtype
-                lora_down = ctx.add_constant(f"{decision.name}_lora_down", down.detach().to(device, dtype), node)
-                lora_up = ctx.add_constant(f"{decision.name}_lora_up", up.detach().to(device, dtype), node)
-            else:
-                decision.compensation = "norm"
-                decision.reason += "; no LoRA factors for this layer, norm compensation only"
+        common = (bias, config.n, config.m, config.norm_compensation, config.eps)
+        factors = lora_factors.get(decision.name) if config.compensation == "lora" else None
+        if config.compensation == "lora" and factors is None:
+            decision.compensation = "norm"
+            decision.reason += "; no LoRA factors for this layer, norm compensation only"
+        if factors is not None:
+            down, up = factors
+            weight_value = ctx.constant(weight)
+            _check_factors(decision.name, down, up, weight_value)
+            device, dtype = fake_value(x).device, fake_value(x).dtype
+            weight_lora, down = ops.pack_lora(*(t.detach().to(device, dtype) for t in (weight_value, down, up)))
+            op = torch.ops.lynx.sparse_linear_lora.default
+            args = (x, ctx.add_constant(f"{decision.name}_weight_lora", weight_lora, node), *common,
+                    ctx.add_constant(f"{decision.name}_lora_down", down, node))
+        else:
+            op, args = torch.ops.lynx.sparse_linear.default, (x, weight, *common)
         with graph.inserting_before(node):
-            sparse = graph.call_function(
-                torch.ops.lynx.sparse_linear.default,
-                (x, weight, bias, config.n, config.m, config.norm_compensation, config.eps, lora_down, lora_up),
-            )
+            sparse = graph.call_function(op, args)
         sparse.meta.update(node.meta)
         set_fake_value(sparse, fake_value(node))
         node.replace_all_uses_with(sparse)
