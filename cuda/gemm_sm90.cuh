@@ -7,6 +7,9 @@
 #pragma once
 #include <cuda_runtime.h>
 
+#include <atomic>
+#include <cstdint>
+
 #include "cutlass/cutlass.h"
 #include "cute/tensor.hpp"
 #include "cutlass/numeric_types.h"
@@ -17,6 +20,7 @@
 #include "cutlass/epilogue/fusion/operations.hpp"
 #include "cutlass/epilogue/fusion/sm90_callbacks_tma_warpspecialized.hpp"
 #include "cutlass/util/packed_stride.hpp"
+#include "cutlass/cluster_launch.hpp"
 
 #include "lynx_gemm_api.h"
 
@@ -97,8 +101,28 @@ struct SparseGemm {
     if (gemm.can_implement(args) != cutlass::Status::kSuccess) return LYNX_ERR_CANNOT_IMPLEMENT;
     size_t ws = Gemm::get_workspace_size(args);
     if (ws > p.workspace_bytes) return LYNX_ERR_WORKSPACE;
-    if (gemm.initialize(args, p.workspace, stream) != cutlass::Status::kSuccess) return LYNX_ERR_INIT;
-    if (gemm.run(stream, nullptr, p.pdl != 0) != cutlass::Status::kSuccess) return LYNX_ERR_RUN;
+    // CUTLASS's initialize() and run() set the kernel's function attributes (dynamic shared memory, non-portable
+    // cluster size) on every call: two cudaFuncSetAttribute calls, host time that a forward of many small GEMMs
+    // feels. The attributes belong to the device's context and never change, so after the first call on a device
+    // the kernel is launched directly, with the launch configuration CUTLASS would use.
+    static std::atomic<uint64_t> attributes_set{0};
+    const uint64_t device_bit = p.device_id >= 0 && p.device_id < 64 ? uint64_t(1) << p.device_id : 0;
+    if (ws != 0 || !(attributes_set.load(std::memory_order_acquire) & device_bit)) {
+      if (gemm.initialize(args, p.workspace, stream) != cutlass::Status::kSuccess) return LYNX_ERR_INIT;
+      if (gemm.run(stream, nullptr, p.pdl != 0) != cutlass::Status::kSuccess) return LYNX_ERR_RUN;
+      attributes_set.fetch_or(device_bit, std::memory_order_release);
+    } else {
+      typename Kernel::Params params = Kernel::to_underlying_arguments(args, p.workspace);
+      const dim3 cluster(size<0>(ClusterShape{}), size<1>(ClusterShape{}), size<2>(ClusterShape{}));
+      auto config = cutlass::ClusterLauncher::make_cluster_launch_config(
+          Gemm::get_grid_shape(params), cluster, Kernel::get_block_shape(), Kernel::SharedStorageSize, stream,
+          p.pdl != 0);
+      void* kernel_params[] = {&params};
+      if (cudaLaunchKernelExC(&config.launch_config, reinterpret_cast<const void*>(cutlass::device_kernel<Kernel>),
+                              kernel_params) != cudaSuccess) {
+        return LYNX_ERR_RUN;
+      }
+    }
     cudaError_t err = cudaGetLastError();
     return err == cudaSuccess ? 0 : LYNX_ERR_CUDA_BASE - static_cast<int>(err);
   }

@@ -12,8 +12,15 @@ points at a prebuilt library instead; ``python -m lynx_compile.kernels`` builds 
 
 The graph pass calls :func:`unsupported_reason` at compile time; ``None`` means the CUDA kernel
 takes the layer. The weight needs no preparation: ``nn.Linear``'s (N, K) row-major weight is the
-kernel's dense operand as is. Importing this module registers the CUDA implementation of
-``lynx::sparse_linear`` when torch sees a CUDA device; importing never builds and never fails.
+kernel's dense operand as is (a folded LoRA's is packed once, by ``ops.pack_lora``).
+
+Importing this module registers Python CUDA kernels for ``lynx::sparse_linear`` and
+``lynx::sparse_linear_lora`` when torch sees a CUDA device; importing never builds and never fails.
+When the library loads, C++ kernels (``cuda/torch_ops.cpp``, built with ``torch.utils.cpp_extension``
+once per torch version, about a minute, and cached beside the library) take their place: they do
+the supported case without Python, whose host time bounds a forward without CUDA graphs, and call
+the Python kernels for the rest. ``LYNX_TORCH_OPS=0`` keeps the Python kernels; ``torch_ops_error``
+says why the C++ ones are not in use.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import ctypes
 import functools
 import hashlib
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -227,7 +235,50 @@ def _load() -> ctypes.CDLL | None:
             _lib = lib
         except Exception as exc:  # noqa: BLE001 - any failure means "not available", with the reason kept
             _lib_error = f"{type(exc).__name__}: {exc}".strip()
+            return _lib
+        _load_torch_ops(_lib)
     return _lib
+
+
+_USE_TORCH_OPS = os.environ.get("LYNX_TORCH_OPS", "1") != "0"  # 0: keep the Python kernels of the ops
+torch_ops_error: str | None = None
+"""Why the C++ kernels of the ops (``cuda/torch_ops.cpp``) are not in use; None once they are."""
+
+
+def _load_torch_ops(lib: ctypes.CDLL) -> None:
+    """Build (once per torch version) and load the C++ kernels of the two ops in place of the Python ones.
+
+    They do the supported case without Python, the host time a DiT forward without CUDA graphs is
+    bound by, and call back into this module for everything else.
+    """
+    global torch_ops_error
+    if not _USE_TORCH_OPS:
+        torch_ops_error = "disabled by LYNX_TORCH_OPS=0"
+        return
+    if _python_kernels is None:
+        torch_ops_error = "no CUDA device"
+        return
+    from torch.utils import cpp_extension
+
+    build_dir = _cache_root() / "torch_ops" / re.sub(r"[^\w.]", "_", f"torch-{torch.__version__}")
+    build_dir.mkdir(parents=True, exist_ok=True)
+    if not any(build_dir.glob("*.so")):
+        print(f"lynx_compile: building the C++ op kernels (about a minute, once per torch version) into {build_dir}",
+              file=sys.stderr, flush=True)
+    # The dispatcher takes one CUDA kernel per op: the Python ones go first, and come back if this fails.
+    _python_kernels._destroy()
+    try:
+        module = cpp_extension.load(name="lynx_torch_ops", sources=[str(_SRC_DIR / "torch_ops.cpp")],
+                                    extra_cflags=["-O2"], build_directory=str(build_dir), with_cuda=True)
+        module.init(ctypes.cast(lib.lynx_sparsify_2to4, ctypes.c_void_p).value,
+                    ctypes.cast(lib.lynx_sparse_gemm, ctypes.c_void_p).value, _PDL, _plan_for_torch_ops,
+                    sparse_linear_cuda, sparse_linear_lora_cuda)
+        torch_ops_error = None
+    except Exception as exc:  # noqa: BLE001 - the Python kernels do the same work, only slower
+        torch_ops_error = f"{type(exc).__name__}: {exc}".strip()[:2000]
+        warnings.warn(f"lynx_compile: C++ op kernels unavailable, using the Python ones ({torch_ops_error[:300]})",
+                      stacklevel=2)
+        _register_python_kernels()
 
 
 def _cuda_ok() -> bool:
@@ -571,15 +622,24 @@ def sparse_linear_lora_cuda(x: Tensor, weight_lora: Tensor, bias: Tensor | None,
     return _launch(x, weight_lora, bias, norm_compensation, eps, lora_down)
 
 
-def _register() -> None:
-    if not _cuda_ok():
-        return
-    torch.library.impl("lynx::sparse_linear", "cuda")(sparse_linear_cuda)
-    torch.library.impl("lynx::sparse_linear_lora", "cuda")(sparse_linear_lora_cuda)
+def _plan_for_torch_ops(is_bf16: bool, M: int, N: int, K: int, layer_k: int, dev: int) -> tuple[int, int, int, int]:
+    return _gemm_plan(torch.bfloat16 if is_bf16 else torch.float16, M, N, K, layer_k, dev)
+
+
+_python_kernels: torch.library.Library | None = None
+
+
+def _register_python_kernels() -> None:
+    global _python_kernels
+    kernels = torch.library.Library("lynx", "IMPL")
+    kernels.impl("sparse_linear", sparse_linear_cuda, "CUDA")
+    kernels.impl("sparse_linear_lora", sparse_linear_lora_cuda, "CUDA")
+    _python_kernels = kernels
 
 
 try:
-    _register()
+    if _cuda_ok():
+        _register_python_kernels()
 except Exception as _exc:  # noqa: BLE001 - importing must never fail
     warnings.warn(f"lynx_compile.kernels: CUDA implementation not registered: {_exc}", stacklevel=1)
 

@@ -310,3 +310,31 @@ def test_fuzz_selection_and_output_against_the_reference(K):
             assert relative_error(out[finite], expected[finite]) < REL_TOL[dtype]
 
     check()
+
+
+def test_the_cpp_kernels_serve_the_ops(K):
+    assert K.torch_ops_error is None, K.torch_ops_error
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cpp_and_python_kernels_agree_bitwise(K, dtype):
+    """The C++ kernels launch the same CUDA kernels as the Python ones, with the same plans."""
+    x = torch.randn(2, 150, 1152, device="cuda").to(dtype)
+    w = (torch.randn(640, 1152, device="cuda") / 34).to(dtype)
+    b = torch.randn(640, device="cuda").to(dtype)
+    assert torch.equal(torch.ops.lynx.sparse_linear(x, w, b, 2, 4, True), K.sparse_linear_cuda(x, w, b, 2, 4, True))
+    weight_lora, down = ops.pack_lora(w, (torch.randn(48, 1152, device="cuda") / 34).to(dtype),
+                                      torch.randn(640, 48, device="cuda").to(dtype))
+    assert torch.equal(torch.ops.lynx.sparse_linear_lora(x, weight_lora, b, 2, 4, True, ops.NORM_EPS, down),
+                       K.sparse_linear_lora_cuda(x, weight_lora, b, 2, 4, True, ops.NORM_EPS, down))
+
+
+def test_bad_arguments_raise_the_ops_errors_on_gpu(K):
+    x = torch.randn(8, 256, device="cuda", dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="features"):
+        torch.ops.lynx.sparse_linear(x, torch.randn(64, 128, device="cuda", dtype=torch.bfloat16), None, 2, 4, True)
+    weight_lora, down = ops.pack_lora(torch.randn(64, 256, device="cuda", dtype=torch.bfloat16),
+                                      torch.randn(32, 256, device="cuda", dtype=torch.bfloat16),
+                                      torch.randn(64, 32, device="cuda", dtype=torch.bfloat16))
+    with pytest.raises(RuntimeError, match="must be \\(out, in \\+ 2r\\)"):
+        torch.ops.lynx.sparse_linear_lora(x, weight_lora[:, :300], None, 2, 4, True, ops.NORM_EPS, down)
