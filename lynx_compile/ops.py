@@ -106,8 +106,13 @@ def sparse_linear_reference(
     return out.to(x.dtype)
 
 
+def _check_bias(bias: Tensor | None, out_features: int) -> None:
+    if bias is not None:
+        torch._check(tuple(bias.shape) == (out_features,), lambda: f"lynx: bias shape {tuple(bias.shape)} != ({out_features},)")
+
+
 def check_linear(x: Tensor, weight: Tensor, bias: Tensor | None, n: int, m: int,
-                  lora_down: Tensor | None, lora_up: Tensor | None) -> None:
+                 lora_down: Tensor | None, lora_up: Tensor | None) -> None:
     _check_pattern(x, n, m)
     torch._check(weight.dim() == 2, lambda: f"lynx: weight must be 2-D (out, in), got {tuple(weight.shape)}")
     torch._check(
@@ -115,8 +120,7 @@ def check_linear(x: Tensor, weight: Tensor, bias: Tensor | None, n: int, m: int,
         lambda: f"lynx: input has {x.shape[-1]} features but weight expects {weight.shape[1]}",
     )
     torch._check(x.dtype == weight.dtype, lambda: f"lynx: input dtype {x.dtype} != weight dtype {weight.dtype}")
-    if bias is not None:
-        torch._check(tuple(bias.shape) == (weight.shape[0],), lambda: f"lynx: bias shape {tuple(bias.shape)} != ({weight.shape[0]},)")
+    _check_bias(bias, weight.shape[0])
     torch._check((lora_down is None) == (lora_up is None), lambda: "lynx: lora_down and lora_up come together")
     if lora_down is not None and lora_up is not None:
         torch._check(
@@ -211,9 +215,7 @@ def check_linear_lora(x: Tensor, weight_lora: Tensor, bias: Tensor | None, n: in
     )
     torch._check(x.dtype == weight_lora.dtype == lora_down.dtype,
                  lambda: f"lynx: dtypes differ: input {x.dtype}, weight_lora {weight_lora.dtype}, lora_down {lora_down.dtype}")
-    if bias is not None:
-        torch._check(tuple(bias.shape) == (weight_lora.shape[0],),
-                     lambda: f"lynx: bias shape {tuple(bias.shape)} != ({weight_lora.shape[0]},)")
+    _check_bias(bias, weight_lora.shape[0])
 
 
 torch.library.define(
