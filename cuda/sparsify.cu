@@ -31,15 +31,6 @@ constexpr int kBlockThreads = 256;
 constexpr int kUnroll = 4;         // 16-element units per lane in flight
 
 template <bool kBF16>
-__device__ __forceinline__ float to_float(uint32_t bits) {
-  if constexpr (kBF16) {
-    return __uint_as_float(bits << 16);
-  } else {
-    return __half2float(__ushort_as_half(static_cast<unsigned short>(bits)));
-  }
-}
-
-template <bool kBF16>
 __device__ __forceinline__ uint16_t from_float(float f) {
   if constexpr (kBF16) {
     return __bfloat16_as_ushort(__float2bfloat16_rn(f));
@@ -48,38 +39,43 @@ __device__ __forceinline__ uint16_t from_float(float f) {
   }
 }
 
+// The two values packed in a 32-bit word, as floats (low half first).
 template <bool kBF16>
-__device__ __forceinline__ uint32_t rank_key(uint32_t bits) {
-  // |x| bits; every NaN maps to one key just above inf.
-  return min(bits & 0x7fffu, kBF16 ? 0x7f81u : 0x7c01u);
+__device__ __forceinline__ float2 unpack2(uint32_t w) {
+  if constexpr (kBF16) {
+    return make_float2(__uint_as_float(w << 16), __uint_as_float(w & 0xffff0000u));
+  } else {
+    return __half22float2(*reinterpret_cast<const __half2*>(&w));
+  }
 }
 
-// One group of 4 values packed in a uint64 (value i in bits 16i..16i+15).
-// Returns the two kept values packed in a uint32 and the 4-bit code; adds the squares.
+// One group of 4 values in two words (value i in bits 16(i%2).. of word i/2). Returns the two kept values packed in
+// a word (lower index in the low half) and the 4-bit code; adds the squares.
+//
+// Most of the kernel's instructions are here, hence the branch-free form: each rank key is |x|'s bits (every NaN
+// clamped to one key just above inf, both with one 16x2 op per word) shifted left by 2 with 3 - index in the low
+// bits, so all four keys differ and a tie goes to the lower index. A 4-input top-2 network of 8 min/max then yields
+// the two winners, whose low bits give back their indices, and one byte permute gathers their values.
 template <bool kBF16>
-__device__ __forceinline__ uint32_t select_group(uint64_t g, uint32_t& code, float& dense_sq, float& kept_sq) {
-  const uint32_t v0 = uint32_t(g) & 0xffffu, v1 = uint32_t(g >> 16) & 0xffffu;
-  const uint32_t v2 = uint32_t(g >> 32) & 0xffffu, v3 = uint32_t(g >> 48) & 0xffffu;
-  const uint32_t k0 = rank_key<kBF16>(v0), k1 = rank_key<kBF16>(v1);
-  const uint32_t k2 = rank_key<kBF16>(v2), k3 = rank_key<kBF16>(v3);
-  // cij: i outranks j (i < j, so ties go to i).
-  const uint32_t c01 = k0 >= k1, c02 = k0 >= k2, c03 = k0 >= k3;
-  const uint32_t c12 = k1 >= k2, c13 = k1 >= k3, c23 = k2 >= k3;
-  const uint32_t r0 = 3u - c01 - c02 - c03;
-  const uint32_t r1 = c01 + 2u - c12 - c13;
-  const uint32_t r2 = c02 + c12 + 1u - c23;
-  const uint32_t r3 = c03 + c13 + c23;
-  const uint32_t mask = (r0 < 2u) | ((r1 < 2u) << 1) | ((r2 < 2u) << 2) | ((r3 < 2u) << 3);
-  const uint32_t i0 = __ffs(mask) - 1;
-  const uint32_t i1 = 31 - __clz(mask);
+__device__ __forceinline__ uint32_t select_group(uint32_t lo, uint32_t hi, uint32_t& code, float& dense_sq,
+                                                 float& kept_sq) {
+  constexpr uint32_t kNaNKey = kBF16 ? 0x7f817f81u : 0x7c017c01u;
+  uint32_t mlo, mhi;
+  asm("min.u16x2 %0, %1, %2;" : "=r"(mlo) : "r"(lo & 0x7fff7fffu), "r"(kNaNKey));
+  asm("min.u16x2 %0, %1, %2;" : "=r"(mhi) : "r"(hi & 0x7fff7fffu), "r"(kNaNKey));
+  const uint32_t k0 = ((mlo << 2) & 0x3fffcu) | 3u, k1 = ((mlo >> 14) & ~3u) | 2u;
+  const uint32_t k2 = ((mhi << 2) & 0x3fffcu) | 1u, k3 = (mhi >> 14) & ~3u;
+  const uint32_t w01 = max(k0, k1), l01 = min(k0, k1), w23 = max(k2, k3), l23 = min(k2, k3);
+  const uint32_t first = max(w01, w23), second = max(min(w01, w23), max(l01, l23));
+  const uint32_t ia = ~first & 3u, ib = ~second & 3u;
+  const uint32_t i0 = min(ia, ib), i1 = max(ia, ib);
   code = i0 | (i1 << 2);
-  const uint32_t a = uint32_t(g >> (16 * i0)) & 0xffffu;
-  const uint32_t b = uint32_t(g >> (16 * i1)) & 0xffffu;
-  const float f0 = to_float<kBF16>(v0), f1 = to_float<kBF16>(v1), f2 = to_float<kBF16>(v2), f3 = to_float<kBF16>(v3);
-  dense_sq += f0 * f0 + f1 * f1 + f2 * f2 + f3 * f3;
-  const float fa = to_float<kBF16>(a), fb = to_float<kBF16>(b);
-  kept_sq += fa * fa + fb * fb;
-  return a | (b << 16);
+  // Bytes 2i and 2i + 1 of {lo, hi} hold value i.
+  const uint32_t kept = __byte_perm(lo, hi, i0 * 0x22u + i1 * 0x2200u + 0x1010u);
+  const float2 f01 = unpack2<kBF16>(lo), f23 = unpack2<kBF16>(hi), fk = unpack2<kBF16>(kept);
+  dense_sq += f01.x * f01.x + f01.y * f01.y + f23.x * f23.x + f23.y * f23.y;
+  kept_sq += fk.x * fk.x + fk.y * fk.y;
+  return kept;
 }
 
 __device__ __forceinline__ int64_t e_byte_offset(int m, int k, int64_t m_pad) {
@@ -133,15 +129,12 @@ sparsify_2to4_kernel(const uint16_t* __restrict__ x, int64_t ldx, int M, int K, 
         if (unit >= units_pad) break;
         uint32_t meta = 0x4444u;
         if (live && unit < units) {
-          const uint64_t g[4] = {
-              uint64_t(in[u][0].x) | (uint64_t(in[u][0].y) << 32), uint64_t(in[u][0].z) | (uint64_t(in[u][0].w) << 32),
-              uint64_t(in[u][1].x) | (uint64_t(in[u][1].y) << 32), uint64_t(in[u][1].z) | (uint64_t(in[u][1].w) << 32)};
           uint4 outv;
           uint32_t c0, c1, c2, c3;
-          outv.x = select_group<kBF16>(g[0], c0, dense_sq, kept_sq);
-          outv.y = select_group<kBF16>(g[1], c1, dense_sq, kept_sq);
-          outv.z = select_group<kBF16>(g[2], c2, dense_sq, kept_sq);
-          outv.w = select_group<kBF16>(g[3], c3, dense_sq, kept_sq);
+          outv.x = select_group<kBF16>(in[u][0].x, in[u][0].y, c0, dense_sq, kept_sq);
+          outv.y = select_group<kBF16>(in[u][0].z, in[u][0].w, c1, dense_sq, kept_sq);
+          outv.z = select_group<kBF16>(in[u][1].x, in[u][1].y, c2, dense_sq, kept_sq);
+          outv.w = select_group<kBF16>(in[u][1].z, in[u][1].w, c3, dense_sq, kept_sq);
           meta = swap_nibbles ? (c1 | (c0 << 4) | (c3 << 8) | (c2 << 12)) : (c0 | (c1 << 4) | (c2 << 8) | (c3 << 12));
           *reinterpret_cast<uint4*>(ar + unit * 8) = outv;
         }
@@ -179,9 +172,8 @@ sparsify_2to4_kernel(const uint16_t* __restrict__ x, int64_t ldx, int M, int K, 
     const uint32_t* tr = reinterpret_cast<const uint32_t*>(tail + int64_t(row) * rank);
     uint32_t* dst = reinterpret_cast<uint32_t*>(ar + (K >> 1));
     for (int j = t; j < (rank >> 1); j += kRowThreads) {
-      const uint32_t pair = tr[j];
-      const float lo = to_float<kBF16>(pair & 0xffffu) * inv_s, hi = to_float<kBF16>(pair >> 16) * inv_s;
-      dst[j] = uint32_t(from_float<kBF16>(lo)) | (uint32_t(from_float<kBF16>(hi)) << 16);
+      const float2 pair = unpack2<kBF16>(tr[j]);
+      dst[j] = uint32_t(from_float<kBF16>(pair.x * inv_s)) | (uint32_t(from_float<kBF16>(pair.y * inv_s)) << 16);
     }
   }
 }
