@@ -11,8 +11,11 @@
 // pointers handed to init()). Loading the module registers the two CUDA kernels with the dispatcher.
 #include <torch/extension.h>
 #include <torch/library.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/cuda/Exceptions.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <cublas_v2.h>
 #include <cuda_runtime.h>
 
 #include <array>
@@ -25,12 +28,15 @@ using SparsifyFn = int (*)(int, const void*, long long, int, int, void*, void*, 
                            int, cudaStream_t);
 using GemmFn = int (*)(int, const void*, const void*, const void*, const float*, const void*, void*, int, int, int,
                        int, int, int, int, int, void*, size_t, cudaStream_t);
+using MetadataBytesFn = long long (*)(int, int);
 
 constexpr int kMaxDevices = 64;
-constexpr int64_t kKMultiple = 64, kNMultiple = 8;
 
 SparsifyFn g_sparsify = nullptr;
 GemmFn g_gemm = nullptr;
+MetadataBytesFn g_metadata_bytes = nullptr;
+// The multiples of in_features and out_features the kernels take (kernels.K_MULTIPLE, N_MULTIPLE).
+int64_t g_k_multiple = 0, g_n_multiple = 0;
 bool g_pdl = true;
 // Python callables: plan(is_bf16, M, N, K, layer_k, device) -> (config, swizzle, raster, workspace bytes), run once
 // per GEMM shape; fallback_linear / fallback_lora: the Python implementations of the two ops.
@@ -106,7 +112,7 @@ bool kernel_takes(const at::Tensor& x, const at::Tensor& weight, const std::opti
   if (dtype != at::kBFloat16 && dtype != at::kHalf) return false;
   if (weight.scalar_type() != dtype || weight.device() != x.device() || weight.dim() != 2) return false;
   if (bias && (bias->device() != x.device() || bias->dim() != 1 || bias->size(0) != weight.size(0))) return false;
-  if (in_features % kKMultiple != 0 || weight.size(0) % kNMultiple != 0) return false;
+  if (in_features % g_k_multiple != 0 || weight.size(0) % g_n_multiple != 0) return false;
   return sm90_sm_count(x.device().index()) > 0;
 }
 
@@ -114,6 +120,20 @@ void check(int rc, const char* what) {
   TORCH_CHECK(rc == 0, "lynx ", what, " failed with code ", rc,
               rc <= -1000 ? std::string(": ") + cudaGetErrorString(static_cast<cudaError_t>(-1000 - rc))
                           : std::string());
+}
+
+// T = x2 . lora_down^T (M x r; both row-major, contiguous), with one cuBLAS call on torch's handle for the current
+// stream: through at::mm the dispatch, checks and output handling cost about as much host time as the rest of the op.
+at::Tensor down_project(const at::Tensor& x2, const at::Tensor& lora_down) {
+  const int64_t M = x2.size(0), K = x2.size(1), rank = lora_down.size(0);
+  at::Tensor t = at::empty({M, rank}, x2.options());
+  const cudaDataType_t type = x2.scalar_type() == at::kBFloat16 ? CUDA_R_16BF : CUDA_R_16F;
+  const float alpha = 1.f, beta = 0.f;
+  // Column-major: T^T (r x M) = lora_down (K x r, transposed) times x2^T (K x M).
+  TORCH_CUDABLAS_CHECK(cublasGemmEx(at::cuda::getCurrentCUDABlasHandle(), CUBLAS_OP_T, CUBLAS_OP_N, rank, M, K, &alpha,
+                                    lora_down.const_data_ptr(), type, K, x2.const_data_ptr(), type, K, &beta,
+                                    t.data_ptr(), type, rank, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+  return t;
 }
 
 // Sparsify x (appending x . lora_down^T when given) and run the one sparse GEMM against weight (N x (K + 2r)).
@@ -134,9 +154,9 @@ at::Tensor launch(const at::Tensor& x, const at::Tensor& weight, const std::opti
   const bool is_bf16 = x.scalar_type() == at::kBFloat16;
 
   at::Tensor tail;
-  if (rank) tail = aligned_contiguous(at::mm(x2, lora_down->t()));
+  if (rank) tail = down_project(x2, *lora_down);
   const int64_t k_total = K + 2 * rank;
-  const int64_t meta_bytes = (M + 63) / 64 * 64 * ((k_total + 127) / 128 * 128) / 8;
+  const int64_t meta_bytes = g_metadata_bytes(static_cast<int>(M), static_cast<int>(k_total));
   at::Tensor values = at::empty({M, K / 2 + rank}, x.options());
   at::Tensor meta = at::empty({meta_bytes}, x.options().dtype(at::kByte));
   at::Tensor scale = at::empty({M}, x.options().dtype(at::kFloat));
@@ -183,6 +203,7 @@ at::Tensor sparse_linear_lora(const at::Tensor& x, const at::Tensor& weight_lora
   const int64_t K = x.size(-1), rank = lora_down.size(0);
   const bool fits = lora_down.dim() == 2 && lora_down.size(1) == K && rank % 8 == 0 &&
                     lora_down.scalar_type() == x.scalar_type() && lora_down.device() == x.device() &&
+                    lora_down.is_contiguous() &&
                     weight_lora.dim() == 2 && weight_lora.size(1) == K + 2 * rank;
   if (!fits || !kernel_takes(x, weight_lora, bias, n, m, K)) {
     return call_python(g_fallback_lora, x, weight_lora, bias, n, m, norm, eps, lora_down);
@@ -190,10 +211,14 @@ at::Tensor sparse_linear_lora(const at::Tensor& x, const at::Tensor& weight_lora
   return launch(x, weight_lora, bias, norm, eps, lora_down);
 }
 
-void init(uintptr_t sparsify, uintptr_t gemm, bool pdl, py::object plan_fn, py::object fallback_linear,
-          py::object fallback_lora) {
+void init(uintptr_t sparsify, uintptr_t gemm, uintptr_t metadata_bytes, int64_t k_multiple, int64_t n_multiple,
+          bool pdl, py::object plan_fn, py::object fallback_linear, py::object fallback_lora) {
+  TORCH_CHECK(k_multiple > 0 && n_multiple > 0, "lynx: bad kernel multiples");
   g_sparsify = reinterpret_cast<SparsifyFn>(sparsify);
   g_gemm = reinterpret_cast<GemmFn>(gemm);
+  g_metadata_bytes = reinterpret_cast<MetadataBytesFn>(metadata_bytes);
+  g_k_multiple = k_multiple;
+  g_n_multiple = n_multiple;
   g_pdl = pdl;
   // Leaked on purpose: the registered kernels may run until interpreter exit.
   g_plan_fn = new py::object(std::move(plan_fn));
@@ -209,5 +234,5 @@ TORCH_LIBRARY_IMPL(lynx, CUDA, m) {
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("init", &init, "Hand the module the kernel entry points, the GEMM planner and the Python fallbacks.");
+  m.def("init", &init, "Hand the module the kernel entry points and multiples, the GEMM planner and the Python fallbacks.");
 }

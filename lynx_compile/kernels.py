@@ -269,10 +269,11 @@ def _load_torch_ops(lib: ctypes.CDLL) -> None:
     _python_kernels._destroy()
     try:
         module = cpp_extension.load(name="lynx_torch_ops", sources=[str(_SRC_DIR / "torch_ops.cpp")],
-                                    extra_cflags=["-O2"], build_directory=str(build_dir), with_cuda=True)
-        module.init(ctypes.cast(lib.lynx_sparsify_2to4, ctypes.c_void_p).value,
-                    ctypes.cast(lib.lynx_sparse_gemm, ctypes.c_void_p).value, _PDL, _plan_for_torch_ops,
-                    sparse_linear_cuda, sparse_linear_lora_cuda)
+                                    extra_cflags=["-O2"], extra_ldflags=["-lcublas"],
+                                    build_directory=str(build_dir), with_cuda=True)
+        entry = lambda fn: ctypes.cast(fn, ctypes.c_void_p).value  # noqa: E731
+        module.init(entry(lib.lynx_sparsify_2to4), entry(lib.lynx_sparse_gemm), entry(lib.lynx_metadata_bytes),
+                    K_MULTIPLE, N_MULTIPLE, _PDL, _plan_for_torch_ops, sparse_linear_cuda, sparse_linear_lora_cuda)
         torch_ops_error = None
     except Exception as exc:  # noqa: BLE001 - the Python kernels do the same work, only slower
         torch_ops_error = f"{type(exc).__name__}: {exc}".strip()[:2000]

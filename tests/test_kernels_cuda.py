@@ -329,6 +329,19 @@ def test_cpp_and_python_kernels_agree_bitwise(K, dtype):
                        K.sparse_linear_lora_cuda(x, weight_lora, b, 2, 4, True, ops.NORM_EPS, down))
 
 
+def test_lora_down_in_any_layout(K):
+    """The C++ kernel projects through cuBLAS directly only for contiguous factors; others take the Python path."""
+    x = torch.randn(300, 1152, device="cuda", dtype=torch.bfloat16)
+    weight_lora, down = ops.pack_lora((torch.randn(640, 1152, device="cuda") / 34).to(torch.bfloat16),
+                                      (torch.randn(64, 1152, device="cuda") / 34).to(torch.bfloat16),
+                                      torch.randn(640, 64, device="cuda", dtype=torch.bfloat16))
+    column_major = down.t().contiguous().t()
+    assert not column_major.is_contiguous()
+    expected = torch.ops.lynx.sparse_linear_lora(x, weight_lora, None, 2, 4, True, ops.NORM_EPS, down)
+    out = torch.ops.lynx.sparse_linear_lora(x, weight_lora, None, 2, 4, True, ops.NORM_EPS, column_major)
+    assert relative_error(out, expected) < 1e-2
+
+
 def test_bad_arguments_raise_the_ops_errors_on_gpu(K):
     x = torch.randn(8, 256, device="cuda", dtype=torch.bfloat16)
     with pytest.raises(RuntimeError, match="features"):
