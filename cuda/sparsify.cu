@@ -189,22 +189,18 @@ void launch_sparsify(const void* x, long long ldx, int M, int K, int m_pad, int 
       static_cast<uint8_t*>(e), scale, norm, eps, swap_nibbles, static_cast<const uint16_t*>(tail), rank);
 }
 
+using LaunchFn = void (*)(const void*, long long, int, int, int, int, void*, void*, float*, int, float, int,
+                         const void*, int, cudaStream_t);
+
+// Threads per token row: enough that each thread has at most kUnroll units (one round of loads), so
+// long rows are split over more threads and the grid has many short blocks (no half-empty last wave).
 template <bool kBF16>
-void dispatch_sparsify(const void* x, long long ldx, int M, int K, int m_pad, int k_pad, void* a_comp, void* e,
-                       float* scale, int norm, float eps, int swap_nibbles, const void* tail, int rank,
-                       cudaStream_t stream) {
-  // Threads per token row: enough that each thread has at most kUnroll units (one round of loads), so
-  // long rows are split over more threads and the grid has many short blocks (no half-empty last wave).
+LaunchFn launcher_for(int k_pad) {
   const int need = (k_pad / 16 + kUnroll - 1) / kUnroll;
-  if (need <= 32) {
-    launch_sparsify<kBF16, 32>(x, ldx, M, K, m_pad, k_pad, a_comp, e, scale, norm, eps, swap_nibbles, tail, rank, stream);
-  } else if (need <= 64) {
-    launch_sparsify<kBF16, 64>(x, ldx, M, K, m_pad, k_pad, a_comp, e, scale, norm, eps, swap_nibbles, tail, rank, stream);
-  } else if (need <= 128) {
-    launch_sparsify<kBF16, 128>(x, ldx, M, K, m_pad, k_pad, a_comp, e, scale, norm, eps, swap_nibbles, tail, rank, stream);
-  } else {
-    launch_sparsify<kBF16, 256>(x, ldx, M, K, m_pad, k_pad, a_comp, e, scale, norm, eps, swap_nibbles, tail, rank, stream);
-  }
+  return need <= 32 ? launch_sparsify<kBF16, 32>
+       : need <= 64 ? launch_sparsify<kBF16, 64>
+       : need <= 128 ? launch_sparsify<kBF16, 128>
+                     : launch_sparsify<kBF16, 256>;
 }
 
 }  // namespace
@@ -219,11 +215,8 @@ extern "C" int lynx_sparsify_2to4(int is_bf16, const void* x, long long ldx, int
   const int m_pad = (M + 63) / 64 * 64;
   const int k_pad = (K + 2 * rank + 127) / 128 * 128;
   if (m_pad == 0) return 0;
-  if (is_bf16) {
-    dispatch_sparsify<true>(x, ldx, M, K, m_pad, k_pad, a_comp, e, scale, norm, eps, swap_nibbles, tail, rank, stream);
-  } else {
-    dispatch_sparsify<false>(x, ldx, M, K, m_pad, k_pad, a_comp, e, scale, norm, eps, swap_nibbles, tail, rank, stream);
-  }
+  const LaunchFn launch = is_bf16 ? launcher_for<true>(k_pad) : launcher_for<false>(k_pad);
+  launch(x, ldx, M, K, m_pad, k_pad, a_comp, e, scale, norm, eps, swap_nibbles, tail, rank, stream);
   return static_cast<int>(cudaGetLastError());
 }
 
