@@ -17,7 +17,7 @@ Instructions (bf16 in, fp32 accumulate):
 * ``dense``: ``wgmma.mma_async`` m64nNk16, A and B from shared memory (what cuBLAS runs);
 * ``dense, A in registers``;
 * ``sparse``: ``wgmma.mma_async.sp`` m64nNk32 with 2:4 metadata, A (compressed) and B from shared
-  memory (what the lynx GEMM and cuSPARSELt run);
+  memory (what the lynx GEMM, built on CUTLASS, runs);
 * ``sparse, A in registers``: fixed register values, the best case of a fused prologue that selects
   the activation straight into the MMA's registers and pays nothing for it;
 * ``sparse, A loaded from L2 to registers`` (fed only): each consumer thread loads its dense slice of
