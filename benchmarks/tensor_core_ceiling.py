@@ -92,8 +92,22 @@ class Variant:
         return 32 if self.sparse else 16
 
     @property
+    def a_packing(self) -> int:
+        """Logical K columns per stored column of A: a 2:4 operand stores half."""
+        return 2 if self.sparse else 1
+
+    @property
     def m_subtiles(self) -> int:
         return self.m_per_warpgroup // 64
+
+    @property
+    def steps_per_stage(self) -> int:
+        return K_PER_STAGE // self.k_per_instruction
+
+    @property
+    def a_registers(self) -> int:
+        """32-bit A registers a consumer thread holds per fed stage: 4 per instruction."""
+        return self.m_subtiles * self.steps_per_stage * 4
 
     @property
     def accumulators(self) -> int:
@@ -111,7 +125,7 @@ class Variant:
 
     @property
     def bare_a_bytes(self) -> int:
-        return 64 * (K_PER_GROUP // (2 if self.sparse else 1)) * 2
+        return 64 * (K_PER_GROUP // self.a_packing) * 2
 
     # Fed pipeline, per stage: A rows are 128-byte swizzle rows (a 2:4 A uses the first 64 bytes of
     # each), metadata one block per instruction, B N rows.
@@ -137,7 +151,7 @@ class Variant:
         """Bytes a GEMM brings into shared memory per stage (B, then A and its metadata if they come that way)."""
         parts = {"b": self.n * K_PER_STAGE * 2}
         if self.a_source == "smem":
-            parts["a"] = self.m_tile * K_PER_STAGE * 2 // (2 if self.sparse else 1)
+            parts["a"] = self.m_tile * K_PER_STAGE * 2 // self.a_packing
             if self.sparse:
                 parts["meta"] = self.m_tile * K_PER_STAGE // 8  # 2 bits per kept value
         return parts
@@ -205,7 +219,7 @@ def _bare_kernel(v: Variant) -> str:
     for step in range(K_PER_GROUP // v.k_per_instruction):
         k0 = step * v.k_per_instruction
         a = ([f"a_regs[{(step * 4 + i) % 8}]" for i in range(4)] if v.a_source == "registers"
-             else f"desc_a + {_k_offset(k0 // (2 if v.sparse else 1), 64)}")
+             else f"desc_a + {_k_offset(k0 // v.a_packing, 64)}")
         body += _wgmma(v, 0, a, f"desc_b + {_k_offset(k0, v.n)}", "meta" if v.sparse else None, "    ")
     return f"""
 extern "C" __global__ void __launch_bounds__({v.threads}, 1)
@@ -248,7 +262,7 @@ def _fed_consumer_group(v: Variant, buf: int) -> str:
     ind = "      "
     out = f"{ind}bar_wait(full_bar + stage * 8, phase);\n"
     out += f"{ind}const unsigned stage_base = base + stage * {v.stage_bytes};\n"
-    steps = K_PER_STAGE // v.k_per_instruction
+    steps, n_regs = v.steps_per_stage, v.a_registers
     if v.sparse and v.a_source == "smem":
         for j in range(v.m_subtiles):
             for k in range(steps):
@@ -261,7 +275,7 @@ def _fed_consumer_group(v: Variant, buf: int) -> str:
             k0 = k * v.k_per_instruction
             if v.a_source == "smem":
                 rows = f"(consumer * {v.m_per_warpgroup} + {64 * j})"
-                a = f"smem_desc(stage_base + {v.stage_a_offset} + {rows} * {SWIZZLE_ROW_BYTES}) + {_k_offset(k0 // (2 if v.sparse else 1), 64)}"
+                a = f"smem_desc(stage_base + {v.stage_a_offset} + {rows} * {SWIZZLE_ROW_BYTES}) + {_k_offset(k0 // v.a_packing, 64)}"
             else:
                 # Fixed registers need no second buffer: nothing rewrites them under an MMA in flight.
                 a = [f"a{buf if v.a_source == 'global' else 0}[{(j * steps + k) * 4 + i}]" for i in range(4)]
@@ -269,7 +283,6 @@ def _fed_consumer_group(v: Variant, buf: int) -> str:
             meta = (f"meta_{j}_{k}" if v.a_source == "smem" else "meta") if v.sparse else None
             out += _wgmma(v, j * v.n // 2, a, b, meta, ind)
     out += f'{ind}asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");\n'
-    n_regs = v.m_subtiles * steps * 4
     if v.a_source == "global":
         # The next stage's dense slices: 2 x 16 bytes per instruction, issued before the wait so
         # their latency hides behind this stage's MMAs.
@@ -290,8 +303,7 @@ def _fed_consumer_group(v: Variant, buf: int) -> str:
 
 
 def _fed_kernel(v: Variant) -> str:
-    steps = K_PER_STAGE // v.k_per_instruction
-    n_regs = v.m_subtiles * steps * 4
+    n_regs = v.a_registers
     a_setup = ""
     if v.a_source != "smem":
         # Through an opaque move, so that ptxas keeps them in registers instead of recomputing them
