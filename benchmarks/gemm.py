@@ -230,7 +230,7 @@ def main() -> None:
         "gpu": gpu,
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "dtype": args.dtype,
         "timing": "triton.testing.do_bench median over CUDA-graph replay (graphs of several calls for short kernels), ms per call",
         "copy_bandwidth_GBps": bw_copy,

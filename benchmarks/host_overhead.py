@@ -28,7 +28,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lynx_compile import kernels, ops  # noqa: E402
-from lynx_compile.results import environment, device_slug, write_json  # noqa: E402
+from lynx_compile.results import device_slug, environment, write_json  # noqa: E402
 
 
 def host_us_per_call(fn, calls: int = 2000, repeats: int = 5) -> float:

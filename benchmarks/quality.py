@@ -43,9 +43,10 @@ import json
 import re
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -55,8 +56,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_dit import CHECKPOINT, NULL_CLASS, RESULTS, SCHEDULE, heldout_loss, load_checkpoint, load_digits_split  # noqa: E402
 
 from lynx_compile import LynxBackend, LynxConfig, explain  # noqa: E402
-from lynx_compile.diffusion import NoiseSchedule, ddim_sample  # noqa: E402
 from lynx_compile.calibrate import calibrate, relative_error  # noqa: E402
+from lynx_compile.diffusion import NoiseSchedule, ddim_sample  # noqa: E402
 from lynx_compile.ops import keep_mask  # noqa: E402
 from lynx_compile.results import write_json  # noqa: E402
 

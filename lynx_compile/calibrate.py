@@ -46,9 +46,9 @@ import torch.utils._pytree as pytree
 from tabulate import tabulate
 from torch import Tensor, nn
 
-from .progress import progress as show_progress
 from .config import LynxConfig
 from .ops import sparse_linear_reference
+from .progress import progress as show_progress
 
 log = logging.getLogger("lynx_compile.calibrate")
 
@@ -189,7 +189,7 @@ class Compensation(Mapping):
             save_file(tensors, str(path), metadata={"lynx": metadata})
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "Compensation":
+    def load(cls, path: str | os.PathLike) -> Compensation:
         with open(path, "rb") as file:
             is_zip = file.read(4) == b"PK\x03\x04"  # torch.save's format
         if is_zip:

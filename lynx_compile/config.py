@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 COMPENSATIONS = ("none", "norm", "lora")
 
@@ -175,7 +176,7 @@ class LynxConfig:
                 )
 
     @classmethod
-    def from_options(cls, options: Mapping[str, Any] | None) -> "LynxConfig":
+    def from_options(cls, options: Mapping[str, Any] | None) -> LynxConfig:
         """Build from ``torch.compile(..., options={...})``; unknown keys raise ValueError."""
         options = dict(options or {})
         known = {f.name for f in dataclasses.fields(cls)}

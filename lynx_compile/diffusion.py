@@ -11,8 +11,8 @@ Conventions (DDPM, Ho et al. 2020; DDIM, Song et al. 2021): ``T`` discrete steps
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -37,14 +37,14 @@ class NoiseSchedule:
         return torch.cumprod(1.0 - self.betas, dim=0)
 
     @classmethod
-    def linear(cls, steps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> "NoiseSchedule":
+    def linear(cls, steps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> NoiseSchedule:
         """DDPM's schedule; beta_start / beta_end are given for 1000 steps and rescaled for others
         so the total noise added stays the same."""
         scale = 1000 / steps
         return cls(torch.linspace(scale * beta_start, scale * beta_end, steps, dtype=torch.float64))
 
     @classmethod
-    def cosine(cls, steps: int = 1000, offset: float = 0.008, max_beta: float = 0.999) -> "NoiseSchedule":
+    def cosine(cls, steps: int = 1000, offset: float = 0.008, max_beta: float = 0.999) -> NoiseSchedule:
         """Nichol & Dhariwal's schedule: abar follows cos^2, so less of the schedule is spent on
         near-pure noise. ``max_beta`` avoids the singular beta = 1 at the last step."""
         f = torch.cos((torch.arange(steps + 1, dtype=torch.float64) / steps + offset) / (1 + offset) * math.pi / 2) ** 2
@@ -52,7 +52,7 @@ class NoiseSchedule:
         return cls(betas)
 
     @classmethod
-    def named(cls, kind: str, steps: int = 1000) -> "NoiseSchedule":
+    def named(cls, kind: str, steps: int = 1000) -> NoiseSchedule:
         if kind == "linear":
             return cls.linear(steps)
         if kind == "cosine":
@@ -77,9 +77,9 @@ def denoising_loss(
     x0: Tensor,
     y: Tensor,
     *,
-    t: Optional[Tensor] = None,
-    noise: Optional[Tensor] = None,
-    generator: Optional[torch.Generator] = None,
+    t: Tensor | None = None,
+    noise: Tensor | None = None,
+    generator: torch.Generator | None = None,
 ) -> Tensor:
     """Epsilon-prediction MSE. Pass ``t`` and ``noise`` to evaluate every model on the same draws
     (held-out loss); otherwise they are drawn from ``generator`` (training)."""
@@ -90,7 +90,7 @@ def denoising_loss(
     return F.mse_loss(model(schedule.add_noise(x0, noise, t), t, y), noise)
 
 
-def guided_eps(model: EpsModel, x: Tensor, t: Tensor, y: Tensor, guidance_scale: float, null_class: Optional[int]) -> Tensor:
+def guided_eps(model: EpsModel, x: Tensor, t: Tensor, y: Tensor, guidance_scale: float, null_class: int | None) -> Tensor:
     """Classifier-free guidance: eps_uncond + w (eps_cond - eps_uncond), in one batched call.
     ``guidance_scale == 1`` is the plain conditional model (no extra evaluation)."""
     if guidance_scale == 1.0:
@@ -111,7 +111,7 @@ def ddim_sample(
     *,
     steps: int = 50,
     guidance_scale: float = 1.0,
-    null_class: Optional[int] = None,
+    null_class: int | None = None,
     clip_x0: bool = True,
 ) -> Tensor:
     """Deterministic DDIM (eta = 0) from the starting noise ``noise`` = x_T, in ``steps`` evenly

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 
 def progress(iterable: Iterable, enabled: bool = True, **tqdm_kwargs: Any) -> Iterable:

@@ -53,7 +53,7 @@ _REGISTRY = {
         MMDiTConfig(hidden=128, heads=4, depth=2, single_depth=2, context_dim=64, vec_dim=32, resolution=256, text_tokens=32),
     ),
 }
-NAMES: Tuple[str, ...] = tuple(_REGISTRY)
+NAMES: tuple[str, ...] = tuple(_REGISTRY)
 
 __all__ = ["NAMES", "build", "example_inputs", "DiT", "DiTConfig", "PixArt", "PixArtConfig", "MMDiT", "MMDiTConfig"]
 
@@ -80,15 +80,15 @@ def build(name: str, **overrides) -> nn.Module:
 
 
 def example_inputs(
-    name_or_model: Union[str, nn.Module],
+    name_or_model: str | nn.Module,
     batch: int = 1,
-    resolution: Optional[int] = None,
-    text_tokens: Optional[int] = None,
+    resolution: int | None = None,
+    text_tokens: int | None = None,
     dtype: torch.dtype = torch.float32,
-    device: Union[str, torch.device] = "cpu",
+    device: str | torch.device = "cpu",
     seed: int = 0,
-    generator: Optional[torch.Generator] = None,
-) -> Tuple[Tensor, ...]:
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, ...]:
     """Forward args for ``model(*args)``: per-model defaults in the module docstring.
 
     A model passed in supplies its own config (channels, sizes); a name uses the default one.

@@ -4,7 +4,6 @@ adaLN blocks, fixed sin-cos positions. Random non-zero init (see ``layers.init_w
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -58,8 +57,8 @@ class DiT(nn.Module):
 
     @staticmethod
     def example_inputs(
-        config: DiTConfig, batch: int, resolution: Optional[int], text_tokens: Optional[int], gen: torch.Generator
-    ) -> Tuple[Tensor, ...]:
+        config: DiTConfig, batch: int, resolution: int | None, text_tokens: int | None, gen: torch.Generator
+    ) -> tuple[Tensor, ...]:
         """(x, t, y); resolution defaults to (and must equal) 8 * input_size; text_tokens is unused."""
         if resolution is not None and resolution != 8 * config.input_size:
             raise ValueError(

@@ -11,13 +11,13 @@ dynamic=True)`` traces it in one graph.
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Tuple
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-Rope = Tuple[Tensor, Tensor]  # (cos, sin), each (..., 1, L, head_dim / 2)
+Rope = tuple[Tensor, Tensor]  # (cos, sin), each (..., 1, L, head_dim / 2)
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
@@ -109,14 +109,14 @@ class QKNorm(nn.Module):
         self.query_norm = RMSNorm(head_dim)
         self.key_norm = RMSNorm(head_dim)
 
-    def forward(self, q: Tensor, k: Tensor) -> Tuple[Tensor, Tensor]:
+    def forward(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
         return self.query_norm(q), self.key_norm(k)
 
 
 class Mlp(nn.Module):
     """fc1 -> activation -> fc2. Also serves as the timestep / caption / pooled-text embedder."""
 
-    def __init__(self, in_dim: int, hidden_dim: int, out_dim: Optional[int] = None, act: str = "gelu_tanh"):
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int | None = None, act: str = "gelu_tanh"):
         super().__init__()
         self.fc1 = nn.Linear(in_dim, hidden_dim)
         self.act = nn.GELU(approximate="tanh") if act == "gelu_tanh" else nn.SiLU()
@@ -149,7 +149,7 @@ class Modulation(nn.Sequential):
         super().__init__(nn.SiLU(), nn.Linear(dim, n * dim))
         self.n = n
 
-    def forward(self, c: Tensor) -> Tuple[Tensor, ...]:
+    def forward(self, c: Tensor) -> tuple[Tensor, ...]:
         return super().forward(c)[:, None].chunk(self.n, dim=-1)
 
 
@@ -158,7 +158,7 @@ def split_heads(x: Tensor, heads: int) -> Tensor:
     return x.unflatten(-1, (heads, -1)).transpose(1, 2)
 
 
-def split_qkv(qkv: Tensor, heads: int, norm: Optional[QKNorm] = None) -> Tuple[Tensor, Tensor, Tensor]:
+def split_qkv(qkv: Tensor, heads: int, norm: QKNorm | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Fused (B, L, 3*H*D) projection, laid out (3, H, D), -> q, k, v of shape (B, H, L, D)."""
     q, k, v = qkv.unflatten(-1, (3, heads, -1)).permute(2, 0, 3, 1, 4).unbind(0)
     if norm is not None:
@@ -188,7 +188,7 @@ def apply_rope(x: Tensor, rope: Rope) -> Tensor:
     return out.to(x.dtype)
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, rope: Optional[Rope] = None, mask: Optional[Tensor] = None) -> Tensor:
+def attention(q: Tensor, k: Tensor, v: Tensor, rope: Rope | None = None, mask: Tensor | None = None) -> Tensor:
     """SDPA on (B, H, L, D) heads -> (B, L, H*D). ``mask``: (B, L_k) bool, True = attend."""
     if rope is not None:
         q, k = apply_rope(q, rope), apply_rope(k, rope)
@@ -208,24 +208,24 @@ class SelfAttention(nn.Module):
         self.norm = QKNorm(dim // heads) if qk_norm else None
         self.proj = nn.Linear(dim, dim)
 
-    def qkv_heads(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    def qkv_heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         return split_qkv(self.qkv(x), self.heads, self.norm)
 
-    def forward(self, x: Tensor, rope: Optional[Rope] = None) -> Tensor:
+    def forward(self, x: Tensor, rope: Rope | None = None) -> Tensor:
         return self.proj(attention(*self.qkv_heads(x), rope=rope))
 
 
 class CrossAttention(nn.Module):
     """Queries from x (``q_linear``), fused keys/values from a context (``kv_linear``), ``proj``."""
 
-    def __init__(self, dim: int, heads: int, context_dim: Optional[int] = None):
+    def __init__(self, dim: int, heads: int, context_dim: int | None = None):
         super().__init__()
         self.heads = heads
         self.q_linear = nn.Linear(dim, dim)
         self.kv_linear = nn.Linear(context_dim or dim, 2 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: Tensor, context: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+    def forward(self, x: Tensor, context: Tensor, mask: Tensor | None = None) -> Tensor:
         q = split_heads(self.q_linear(x), self.heads)
         k, v = self.kv_linear(context).unflatten(-1, (2, self.heads, -1)).permute(2, 0, 3, 1, 4).unbind(0)
         return self.proj(attention(q, k, v, mask=mask))
@@ -247,7 +247,7 @@ class AdaLNBlock(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.adaLN_modulation = Modulation(dim, 6) if modulation else None
 
-    def attn_inputs(self, x: Tensor, mod: Sequence[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
+    def attn_inputs(self, x: Tensor, mod: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         return self.attn.qkv_heads(modulate(self.norm1(x), mod[0], mod[1]))
 
     def attn_residual(self, x: Tensor, attn_out: Tensor, mod: Sequence[Tensor]) -> Tensor:
@@ -256,7 +256,7 @@ class AdaLNBlock(nn.Module):
     def mlp_residual(self, x: Tensor, mod: Sequence[Tensor]) -> Tensor:
         return x + mod[5] * self.mlp(modulate(self.norm2(x), mod[3], mod[4]))
 
-    def forward(self, x: Tensor, c: Tensor, rope: Optional[Rope] = None) -> Tensor:
+    def forward(self, x: Tensor, c: Tensor, rope: Rope | None = None) -> Tensor:
         mod = self.adaLN_modulation(c)
         x = self.attn_residual(x, attention(*self.attn_inputs(x, mod), rope=rope), mod)
         return self.mlp_residual(x, mod)

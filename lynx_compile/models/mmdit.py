@@ -4,7 +4,6 @@ single-stream blocks with fused qkv+MLP-up / attn-out+MLP-down Linears, 3-axis R
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -39,7 +38,7 @@ class MMDiTConfig:
     context_dim: int = 4096  # T5 width
     vec_dim: int = 768  # pooled CLIP width
     guidance_embed: bool = True
-    axes_dim: Optional[Tuple[int, ...]] = None  # RoPE channels per (t, h, w) axis; None: Flux's split of head_dim
+    axes_dim: tuple[int, ...] | None = None  # RoPE channels per (t, h, w) axis; None: Flux's split of head_dim
     theta: float = 10000.0
     resolution: int = 1024  # example_inputs defaults
     text_tokens: int = 512
@@ -49,7 +48,7 @@ class MMDiTConfig:
         return self.hidden // self.heads
 
     @property
-    def rope_axes(self) -> Tuple[int, ...]:
+    def rope_axes(self) -> tuple[int, ...]:
         if self.axes_dim is not None:
             return tuple(self.axes_dim)
         d = self.head_dim  # 128 -> (16, 56, 56); every axis needs an even count
@@ -66,7 +65,7 @@ class DoubleStreamBlock(nn.Module):
         self.img = AdaLNBlock(dim, heads, mlp_ratio, qk_norm=True)
         self.txt = AdaLNBlock(dim, heads, mlp_ratio, qk_norm=True)
 
-    def forward(self, img: Tensor, txt: Tensor, vec: Tensor, rope: Rope) -> Tuple[Tensor, Tensor]:
+    def forward(self, img: Tensor, txt: Tensor, vec: Tensor, rope: Rope) -> tuple[Tensor, Tensor]:
         img_mod, txt_mod = self.img.adaLN_modulation(vec), self.txt.adaLN_modulation(vec)
         iq, ik, iv = self.img.attn_inputs(img, img_mod)
         tq, tk, tv = self.txt.attn_inputs(txt, txt_mod)
@@ -148,9 +147,9 @@ class MMDiT(nn.Module):
         txt: Tensor,
         timesteps: Tensor,
         y: Tensor,
-        guidance: Optional[Tensor] = None,
-        img_ids: Optional[Tensor] = None,
-        txt_ids: Optional[Tensor] = None,
+        guidance: Tensor | None = None,
+        img_ids: Tensor | None = None,
+        txt_ids: Tensor | None = None,
     ) -> Tensor:
         if img_ids is None:
             img_ids = square_grid_ids(img.shape[1], img.device)
@@ -173,8 +172,8 @@ class MMDiT(nn.Module):
 
     @staticmethod
     def example_inputs(
-        config: MMDiTConfig, batch: int, resolution: Optional[int], text_tokens: Optional[int], gen: torch.Generator
-    ) -> Tuple[Tensor, ...]:
+        config: MMDiTConfig, batch: int, resolution: int | None, text_tokens: int | None, gen: torch.Generator
+    ) -> tuple[Tensor, ...]:
         """(img, txt, timesteps, y[, guidance]); (resolution / 16)^2 image tokens."""
         side = (resolution or config.resolution) // 16
         img = torch.randn(batch, side * side, config.in_channels, generator=gen)

@@ -3,8 +3,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -52,7 +52,7 @@ class PixArtBlock(AdaLNBlock):
         self.cross_attn = CrossAttention(dim, heads)
         self.scale_shift_table = nn.Parameter(torch.randn(6, dim) / dim**0.5)
 
-    def forward(self, x: Tensor, context: Tensor, t_mod: Sequence[Tensor], mask: Optional[Tensor] = None) -> Tensor:
+    def forward(self, x: Tensor, context: Tensor, t_mod: Sequence[Tensor], mask: Tensor | None = None) -> Tensor:
         mod = [m + s for m, s in zip(t_mod, self.scale_shift_table.unbind(0))]
         x = self.attn_residual(x, attention(*self.attn_inputs(x, mod)), mod)
         x = x + self.cross_attn(x, context, mask)
@@ -99,7 +99,7 @@ class PixArt(nn.Module):
         cols = torch.arange(w, device=device, dtype=torch.float32) * span / w
         return sincos_pos_embed_2d(self.config.hidden, rows, cols)
 
-    def forward(self, x: Tensor, t: Tensor, text: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor, text: Tensor, mask: Tensor | None = None) -> Tensor:
         p = self.config.patch_size
         h, w = x.shape[-2] // p, x.shape[-1] // p
         x = self.x_embedder(x) + self.pos_embed(h, w, x.device).to(x.dtype)
@@ -112,8 +112,8 @@ class PixArt(nn.Module):
 
     @staticmethod
     def example_inputs(
-        config: PixArtConfig, batch: int, resolution: Optional[int], text_tokens: Optional[int], gen: torch.Generator
-    ) -> Tuple[Tensor, ...]:
+        config: PixArtConfig, batch: int, resolution: int | None, text_tokens: int | None, gen: torch.Generator
+    ) -> tuple[Tensor, ...]:
         """(x, t, text); resolution defaults to 8 * input_size (1024), text_tokens to config.text_tokens."""
         s = (resolution or 8 * config.input_size) // 8
         x = torch.randn(batch, config.in_channels, s, s, generator=gen)
