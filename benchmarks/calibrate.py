@@ -28,10 +28,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import lynx_compile  # noqa: E402
 from lynx_compile import LynxConfig  # noqa: E402
-from lynx_compile.bench import synchronize  # noqa: E402
 from lynx_compile.models import build, example_inputs  # noqa: E402
-from lynx_compile.results import device_slug, environment, write_json  # noqa: E402
-from lynx_compile.workloads import DTYPES  # noqa: E402
+from lynx_compile.tools.results import device_slug, environment, write_json  # noqa: E402
+from lynx_compile.tools.timing import synchronize  # noqa: E402
+from lynx_compile.tools.workloads import DTYPES  # noqa: E402
 
 
 def model_output_errors(model, batches, comp) -> dict[str, float]:

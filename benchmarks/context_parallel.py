@@ -17,7 +17,8 @@ In each phase every backend compiles once (``dynamic=True``: the second resoluti
 recompile) and is timed per resolution. ``--compile blocks`` (the default) compiles each
 transformer block class on its own with diffusers' ``compile_repeated_blocks``, as diffusers
 advises for Flux: the whole flux-dev graph takes Inductor over three minutes per backend and
-phase, a block a fraction of that. ``--compile whole`` compiles the whole model. Each backend is timed: median of ``--repeat`` forwards after ``--warmup``, CUDA
+phase, a block a fraction of that. ``--compile whole`` compiles the whole model. Each backend is timed: median of
+``--repeat`` forwards after ``--warmup``, CUDA
 events, the slowest rank's median (each rank's is recorded too). Also recorded: lynx's relative error against inductor, and the
 sharded output's error against the unsharded one of the same backend.
 
@@ -45,11 +46,11 @@ from tabulate import tabulate
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import lynx_compile  # noqa: E402
-from lynx_compile.bench import median_ms, synchronize  # noqa: E402
-from lynx_compile.calibrate import relative_error  # noqa: E402
+from lynx_compile.metrics import relative_error  # noqa: E402
 from lynx_compile.parallel import MODES, context_parallel, init_distributed  # noqa: E402
-from lynx_compile.results import device_slug, environment, write_json  # noqa: E402
-from lynx_compile.workloads import diffusers_workload  # noqa: E402
+from lynx_compile.tools.results import device_slug, environment, write_json  # noqa: E402
+from lynx_compile.tools.timing import median_ms, synchronize  # noqa: E402
+from lynx_compile.tools.workloads import diffusers_workload  # noqa: E402
 
 FLUX_DEV = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
                 num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
@@ -96,7 +97,7 @@ def measure(workload, backend: str, args, device: torch.device, gpus: int) -> li
     with torch.no_grad():
         for index, resolution in enumerate(args.resolutions):
             kwargs = workload.make_inputs(1, resolution=resolution, text_tokens=args.text_tokens)[1]
-            forward = lambda: _settled(compiled(**kwargs))  # noqa: E731
+            forward = lambda kwargs=kwargs: _settled(compiled(**kwargs))  # noqa: E731
             start = time.perf_counter()
             output = forward()
             synchronize(device)
@@ -133,7 +134,8 @@ def _profile(forward, device: torch.device, path: Path | None) -> None:
         done = time.perf_counter() - start
     if path is None:
         return
-    table = prof.key_averages().table(sort_by="cuda_time_total" if gpu else "cpu_time_total", row_limit=30, max_name_column_width=70)
+    table = prof.key_averages().table(sort_by="cuda_time_total" if gpu else "cpu_time_total", row_limit=30,
+                                      max_name_column_width=70)
     path.write_text(f"{json.dumps(environment(device))}\n"
                     f"host issue {issued * 1e3:.1f} ms, until GPU done {done * 1e3:.1f} ms\n{table}\n")
     print(f"profile: host issue {issued * 1e3:.1f} ms, until GPU done {done * 1e3:.1f} ms -> {path}", flush=True)
@@ -211,7 +213,8 @@ def summarize(records: list[dict[str, Any]], args, device: torch.device, world: 
         rows.append(row)
     kept = {}
     for resolution in args.resolutions:
-        speedups = {r["gpus"]: r.get("speedup_vs_inductor") for r in rows if r["backend"] == "lynx" and r["resolution"] == resolution}
+        speedups = {r["gpus"]: r.get("speedup_vs_inductor") for r in rows
+                    if r["backend"] == "lynx" and r["resolution"] == resolution}
         if speedups.get(1) and speedups.get(world) and world > 1:
             kept[resolution] = {"speedup_ratio": speedups[world] / speedups[1],
                                 "gain_ratio": (speedups[world] - 1) / (speedups[1] - 1) if speedups[1] > 1 else None}
@@ -228,8 +231,9 @@ def summarize(records: list[dict[str, Any]], args, device: torch.device, world: 
 def table(result: dict[str, Any]) -> str:
     fmt = lambda v, f: "-" if v is None else format(v, f)
     out = [(r["gpus"], r["backend"], r["resolution"], fmt(r["median_ms"], ".1f"), fmt(r.get("speedup_vs_inductor"), ".3f"),
-            fmt(r.get("scaling_vs_1_gpu"), ".2f"), fmt(r.get("rel_error_vs_inductor"), ".2e"), fmt(r.get("rel_error_vs_1_gpu"), ".2e"),
-            fmt(r.get("compile_s", r.get("first_call_s")), ".1f"), r["graphs"], r["sparse_layers"] or "-") for r in result["rows"]]
+            fmt(r.get("scaling_vs_1_gpu"), ".2f"), fmt(r.get("rel_error_vs_inductor"), ".2e"),
+            fmt(r.get("rel_error_vs_1_gpu"), ".2e"), fmt(r.get("compile_s", r.get("first_call_s")), ".1f"), r["graphs"],
+            r["sparse_layers"] or "-") for r in result["rows"]]
     headers = ("GPUs", "backend", "px", "median ms", "vs inductor", "vs 1 GPU", "err vs inductor", "err vs 1 GPU",
                "first call s", "graphs", "sparse layers")
     lines = [tabulate(out, headers=headers)]

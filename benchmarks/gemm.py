@@ -23,8 +23,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lynx_compile import kernels, ops  # noqa: E402
-from lynx_compile.calibrate import relative_error  # noqa: E402
-from lynx_compile.results import slug, write_json  # noqa: E402
+from lynx_compile.metrics import relative_error  # noqa: E402
+from lynx_compile.tools.results import slug, write_json  # noqa: E402
 
 SHAPES = [  # (M, K, N)
     (4096, 1152, 3456), (4096, 1152, 1152), (4096, 1152, 4608), (4096, 4608, 1152),
@@ -98,7 +98,6 @@ def run_shape(M, K, N, dtype, tune: bool, lora_rank: int) -> dict:
         wt = w.t()
         torch._cslt_sparse_mm(xc, wt)
         row["cslt_ms"] = bench_graph(lambda: torch._cslt_sparse_mm(xc, wt))
-        del kept, xc
     except Exception as exc:  # noqa: BLE001
         row["cslt_ms"] = None
         row["cslt_error"] = f"{type(exc).__name__}: {exc}"[:200]
@@ -147,8 +146,8 @@ def run_shape(M, K, N, dtype, tune: bool, lora_rank: int) -> dict:
             for swz in (1, 2, 4, 8):
                 for ras in (1, 2):
                     try:
-                        ms = bench_graph(lambda: kernels.sparse_mm_compressed(values, meta, scale, w, b, out=out,
-                                                                              config=(idx, swz, ras)), rep=60)
+                        ms = bench_graph(lambda config=(idx, swz, ras): kernels.sparse_mm_compressed(
+                            values, meta, scale, w, b, out=out, config=config), rep=60)
                     except Exception as exc:  # noqa: BLE001
                         ms = float("nan")
                         print(f"  {name} {swz} {ras}: {exc}", file=sys.stderr)
@@ -156,8 +155,6 @@ def run_shape(M, K, N, dtype, tune: bool, lora_rank: int) -> dict:
         best = min(res, key=lambda k: res[k] if res[k] == res[k] else 1e9)
         row["tune"] = res
         row["tune_best"] = [best, res[best]]
-    del values, meta, scale, out, x, w
-    torch.cuda.empty_cache()
     return row
 
 
@@ -171,7 +168,7 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/gemm-<gpu>.json)")
     args = ap.parse_args()
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float16
-    assert torch.cuda.is_available() and kernels.available(), f"CUDA kernels unavailable: {kernels._lib_error}"
+    assert kernels.load(), f"CUDA kernels unavailable: {kernels.load_error()}"
 
     extra = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes]
     shapes = extra if args.only_extra else SHAPES + [s for s in extra if s not in SHAPES]
@@ -179,6 +176,7 @@ def main() -> None:
     rows = []
     for M, K, N in shapes:
         r = run_shape(M, K, N, dtype, args.tune, args.lora_rank)
+        torch.cuda.empty_cache()  # the shape's tensors went with run_shape's frame
         rows.append(r)
         print(f"{M}x{K}->{N}: dense {r['dense_ms']:.4f} cslt {r['cslt_ms']} sparsify {r['sparsify_ms']:.4f} "
               f"gemm {r['gemm_ms']:.4f} e2e {r['e2e_ms']:.4f} err {r['rel_err']:.2e}"
@@ -232,7 +230,8 @@ def main() -> None:
         "cuda": torch.version.cuda,
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "dtype": args.dtype,
-        "timing": "triton.testing.do_bench median over CUDA-graph replay (graphs of several calls for short kernels), ms per call",
+        "timing": "triton.testing.do_bench median over CUDA-graph replay (graphs of several calls for short kernels), "
+                  "ms per call",
         "copy_bandwidth_GBps": bw_copy,
         "sparsify_bandwidth_GBps": bw_sp,
         "geomean_speedup_large": summary,

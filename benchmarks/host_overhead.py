@@ -28,7 +28,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lynx_compile import kernels, ops  # noqa: E402
-from lynx_compile.results import device_slug, environment, write_json  # noqa: E402
+from lynx_compile.tools.results import device_slug, environment, write_json  # noqa: E402
 
 
 def host_us_per_call(fn, calls: int = 2000, repeats: int = 5) -> float:
@@ -46,12 +46,25 @@ def host_us_per_call(fn, calls: int = 2000, repeats: int = 5) -> float:
     return statistics.median(times)
 
 
+def calls(x, w, b, weight_lora, down) -> dict:
+    """The timed calls of one shape, by name."""
+    eps = ops.NORM_EPS
+    return {
+        "F.linear": lambda: F.linear(x, w, b),
+        "lynx::sparse_linear": lambda: torch.ops.lynx.sparse_linear(x, w, b, 2, 4, True),
+        "lynx::sparse_linear, Python kernel": lambda: kernels.sparse_linear_cuda(x, w, b, 2, 4, True),
+        "lynx::sparse_linear_lora": lambda: torch.ops.lynx.sparse_linear_lora(x, weight_lora, b, 2, 4, True, eps, down),
+        "lynx::sparse_linear_lora, Python kernel":
+            lambda: kernels.sparse_linear_lora_cuda(x, weight_lora, b, 2, 4, True, eps, down),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=256, help="rows of x (small: the GPU must keep up)")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/host-overhead-<gpu>.json)")
     args = ap.parse_args()
-    assert torch.cuda.is_available() and kernels.available(), f"CUDA kernels unavailable: {kernels._lib_error}"
+    assert kernels.load(), f"CUDA kernels unavailable: {kernels.load_error()}"
 
     dtype, M = torch.bfloat16, args.tokens
     rows = []
@@ -61,16 +74,7 @@ def main() -> None:
         b = torch.randn(N, device="cuda", dtype=dtype)
         down = (torch.randn(64, K, device="cuda") / K ** 0.5).to(dtype)
         weight_lora, down = ops.pack_lora(w, down, torch.randn(N, 64, device="cuda").to(dtype) / 8)
-        eps = ops.NORM_EPS
-        cases = {
-            "F.linear": lambda: F.linear(x, w, b),
-            "lynx::sparse_linear": lambda: torch.ops.lynx.sparse_linear(x, w, b, 2, 4, True),
-            "lynx::sparse_linear, Python kernel": lambda: kernels.sparse_linear_cuda(x, w, b, 2, 4, True),
-            "lynx::sparse_linear_lora": lambda: torch.ops.lynx.sparse_linear_lora(x, weight_lora, b, 2, 4, True, eps, down),
-            "lynx::sparse_linear_lora, Python kernel":
-                lambda: kernels.sparse_linear_lora_cuda(x, weight_lora, b, 2, 4, True, eps, down),
-        }
-        for name, fn in cases.items():
+        for name, fn in calls(x, w, b, weight_lora, down).items():
             us = host_us_per_call(fn)
             rows.append({"M": M, "K": K, "N": N, "call": name, "host_us": us})
             print(f"{M}x{K}->{N} {name}: {us:.1f} us/call", flush=True)
@@ -83,7 +87,8 @@ def main() -> None:
     result = {**environment(device), "cpp_kernels": kernels.torch_ops_error or "loaded",
               "timing": "median over 5 runs of 2000 back-to-back calls, wall time per call before the final sync",
               "rows": rows}
-    out = Path(args.out) if args.out else Path(__file__).resolve().parent / "results" / f"host-overhead-{device_slug(device)}.json"
+    default_out = Path(__file__).resolve().parent / "results" / f"host-overhead-{device_slug(device)}.json"
+    out = Path(args.out) if args.out else default_out
     print(f"wrote {write_json(result, out)}")
 
 

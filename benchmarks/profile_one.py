@@ -12,6 +12,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from lynx_compile import kernels  # noqa: E402
 
+assert kernels.load(), kernels.load_error()
 M, K, N = (int(v) for v in sys.argv[1:4])
 x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
 w = (torch.randn(N, K, device="cuda") / math.sqrt(K)).to(torch.bfloat16)

@@ -56,10 +56,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_dit import CHECKPOINT, NULL_CLASS, RESULTS, SCHEDULE, heldout_loss, load_checkpoint, load_digits_split  # noqa: E402
 
 from lynx_compile import LynxBackend, LynxConfig, explain  # noqa: E402
-from lynx_compile.calibrate import calibrate, relative_error  # noqa: E402
+from lynx_compile.calibrate import calibrate  # noqa: E402
 from lynx_compile.diffusion import NoiseSchedule, ddim_sample  # noqa: E402
+from lynx_compile.metrics import relative_error  # noqa: E402
 from lynx_compile.ops import keep_mask  # noqa: E402
-from lynx_compile.results import write_json  # noqa: E402
+from lynx_compile.tools.results import write_json  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -122,7 +123,8 @@ VARIANTS = (
     Variant(f"act 2:4 + norm, B={DENSE_FLOP_BUDGET:g}", "activation", "2:4", "norm", DENSE_FLOP_BUDGET),
     Variant(f"act 2:4 + norm + LoRA, B={DENSE_FLOP_BUDGET:g}", "activation", "2:4", "lora", DENSE_FLOP_BUDGET),
     Variant(f"act 2:4 + norm, B={DENSE_FLOP_BUDGET:g} by model error", "activation", "2:4", "norm", DENSE_FLOP_BUDGET, "model"),
-    Variant(f"act 2:4 + norm + LoRA, B={DENSE_FLOP_BUDGET:g} by model error", "activation", "2:4", "lora", DENSE_FLOP_BUDGET, "model"),
+    Variant(f"act 2:4 + norm + LoRA, B={DENSE_FLOP_BUDGET:g} by model error", "activation", "2:4", "lora", DENSE_FLOP_BUDGET,
+            "model"),
 )
 
 
@@ -264,10 +266,11 @@ class VariantModel:
         if variant.kind == "activation":
             self.config = harness.base_config(
                 pattern=variant.pattern, compensation=variant.compensation,
-                compensation_state=lora if variant.compensation == "lora" else None,
+                compensation_state=dict(lora) if variant.compensation == "lora" else None,
                 include=None if only is None else f"^{re.escape(only)}$",
                 **({} if variant.dense_flop_budget is None else
-                   {"sensitivity": lora.layer_sensitivity if variant.ranking == "layer" else lora.model_sensitivity(variant.compensation),
+                   {"sensitivity": (lora.layer_sensitivity if variant.ranking == "layer"
+                                    else lora.model_sensitivity(variant.compensation)),
                     "dense_flop_budget": variant.dense_flop_budget}),
             )
             self.backend = LynxBackend(self.config, inductor=False)
@@ -295,8 +298,9 @@ class VariantModel:
 def evaluate(harness: Harness, variant_model: VariantModel, dense: dict[str, Any] | None) -> dict[str, Any]:
     s = harness.settings
     eps = [variant_model.forward(*probe) for probe in harness.probes]  # first: compiles, so lynx has decided
+    inputs = harness.layer_inputs
     layer_errors = {
-        name: relative_error(variant_model.layer_output(name, layer, harness.layer_inputs[name]), layer(harness.layer_inputs[name]))
+        name: relative_error(variant_model.layer_output(name, layer, inputs[name]), layer(inputs[name]))
         for name, layer in harness.layers.items()
     }
     heldout = slice(0, s.heldout_images)
@@ -368,7 +372,8 @@ def run(settings: Settings, device: str = "cpu", variants: tuple[Variant, ...] =
                 compiled_sparse = {d.name for d in variant_model.backend.report.sparse}
                 kept_dense = variant_model.dense_layers()
                 if compiled_sparse != set(harness.layers) - kept_dense or (kept_dense and variant.dense_flop_budget is None):
-                    raise RuntimeError(f"{variant.name}: lynx sparsified {sorted(compiled_sparse)}, expected {sorted(harness.layers)}")
+                    raise RuntimeError(
+                        f"{variant.name}: lynx sparsified {sorted(compiled_sparse)}, expected {sorted(harness.layers)}")
                 if variant.dense_flop_budget is not None:
                     flops = {name: layer.in_features * layer.out_features for name, layer in harness.layers.items()}
                     results[variant.name] |= {
@@ -414,7 +419,8 @@ def table(output: dict[str, Any], tablefmt: str = "github") -> str:
             continue
         metrics = output["variants"][variant.name]
         rows.append([variant.name] + [fmt.format(metrics[key]) if key in metrics else "-" for _, key, fmt in TABLE_COLUMNS])
-    return tabulate(rows, headers=["variant"] + [title for title, _, _ in TABLE_COLUMNS], tablefmt=tablefmt, disable_numparse=True)
+    headers = ["variant"] + [title for title, _, _ in TABLE_COLUMNS]
+    return tabulate(rows, headers=headers, tablefmt=tablefmt, disable_numparse=True)
 
 
 def findings(output: dict[str, Any]) -> dict[str, Any]:
@@ -450,7 +456,8 @@ def budget_variant_names(output: dict[str, Any]) -> list[str]:
 def budget_key(name: str) -> str:
     """ "act 2:4 + norm + LoRA, B=0.3" -> "activation_2of4_norm_lora_budget" (a findings key prefix);
     "..., B=0.3 by model error" -> "..._budget_by_model_error"."""
-    return "activation_2of4_norm" + ("_lora" if "LoRA" in name else "") + "_budget" + ("_by_model_error" if "model error" in name else "")
+    lora = "_lora" if "LoRA" in name else ""
+    return f"activation_2of4_norm{lora}_budget" + ("_by_model_error" if "model error" in name else "")
 
 
 def findings_text(found: dict[str, Any]) -> str:
@@ -460,11 +467,16 @@ def findings_text(found: dict[str, Any]) -> str:
         return "yes" if found[key] else "NO"
 
     lines = [
-        f"- activation 2:4 + norm has lower mean per-layer error than weight 2:4: {holds('activation_2of4_norm_beats_weight_2of4_layer_error')}",
-        f"- activation 2:4 + norm has lower end-to-end noise-prediction error than weight 2:4: {holds('activation_2of4_norm_beats_weight_2of4_eps_error')}",
-        f"- activation 2:4 + norm has lower held-out loss than weight 2:4: {holds('activation_2of4_norm_beats_weight_2of4_heldout_loss')}",
-        f"- norm compensation lowers the mean per-layer error of activation 2:4: {holds('norm_compensation_beats_naive_layer_error')}",
-        f"- norm compensation lowers the noise-prediction error of activation 2:4: {holds('norm_compensation_beats_naive_eps_error')}",
+        "- activation 2:4 + norm has lower mean per-layer error than weight 2:4: "
+        f"{holds('activation_2of4_norm_beats_weight_2of4_layer_error')}",
+        "- activation 2:4 + norm has lower end-to-end noise-prediction error than weight 2:4: "
+        f"{holds('activation_2of4_norm_beats_weight_2of4_eps_error')}",
+        "- activation 2:4 + norm has lower held-out loss than weight 2:4: "
+        f"{holds('activation_2of4_norm_beats_weight_2of4_heldout_loss')}",
+        "- norm compensation lowers the mean per-layer error of activation 2:4: "
+        f"{holds('norm_compensation_beats_naive_layer_error')}",
+        "- norm compensation lowers the noise-prediction error of activation 2:4: "
+        f"{holds('norm_compensation_beats_naive_eps_error')}",
         f"- held-out loss of activation 2:4 + norm vs dense: {found['activation_2of4_norm_heldout_loss_change_pct']:+.2f}% "
         f"(within 3%: {holds('activation_2of4_norm_heldout_loss_within_3pct')})",
     ]

@@ -532,7 +532,7 @@ def main() -> None:
 
     from tabulate import tabulate
 
-    from lynx_compile.results import environment, slug, write_json
+    from lynx_compile.tools.results import environment, slug, write_json
 
     def run(v: Variant, groups: int) -> dict:
         out = subprocess.run([str(exe), v.name, str(groups)], capture_output=True, text=True, timeout=60)

@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from lynx_compile.diffusion import NoiseSchedule, denoising_loss  # noqa: E402
 from lynx_compile.models import build  # noqa: E402
-from lynx_compile.results import write_json  # noqa: E402
+from lynx_compile.tools.results import write_json  # noqa: E402
 
 CHECKPOINT = ROOT / "benchmarks" / "checkpoints" / "dit_digits.pt"
 RESULTS = ROOT / "benchmarks" / "results"
@@ -100,7 +100,8 @@ def adaln_zero_init(model: nn.Module) -> None:
 
 
 @torch.no_grad()
-def heldout_loss(model: nn.Module, schedule: NoiseSchedule, x: Tensor, y: Tensor, draws: int = 4, seed: int = 1234, batch: int = 512) -> float:
+def heldout_loss(model: nn.Module, schedule: NoiseSchedule, x: Tensor, y: Tensor, draws: int = 4, seed: int = 1234,
+                 batch: int = 512) -> float:
     """Mean epsilon MSE over ``draws`` fixed (timestep, noise) draws per held-out image.
 
     Seeded, so every model (and every sparsity variant) is scored on exactly the same draws.
@@ -192,7 +193,8 @@ def train(args: argparse.Namespace) -> None:
         "final": final,
         "checkpoint_bytes": CHECKPOINT.stat().st_size,
         "torch": torch.__version__,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "device": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                   else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
     write_json(summary, RESULTS / "train_dit_digits.json")

@@ -1,9 +1,13 @@
-// lynx: C entry points (raw device pointers, sizes, a cudaStream_t), loaded from Python with ctypes.
+// lynx: the GEMM entry points of lynx_api.h: the configuration table, the per-shape plan, launch and status text.
 #include <cuda_runtime.h>
+#include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
-#include "lynx_gemm_api.h"
 
-#define LYNX_CONFIG(NAME, IS_BF16)                                          \
+#include "gemm_params.h"
+#include "lynx_api.h"
+
+#define LYNX_CONFIG(NAME, IS_BF16)                                     \
   int lynx_gemm_##NAME##_run(const LynxGemmParams& p, cudaStream_t s); \
   size_t lynx_gemm_##NAME##_ws(const LynxGemmParams& p);
 #include "configs.inc"
@@ -22,34 +26,144 @@ const ConfigEntry kConfigs[] = {
 };
 #undef LYNX_CONFIG
 constexpr int kNumConfigs = sizeof(kConfigs) / sizeof(kConfigs[0]);
-}  // namespace
 
-extern "C" {
+struct TunedShape {
+  int M, N, K;
+  const char* tile;
+  int swizzle, raster;
+};
+struct FallbackRule {
+  int min_m, few_large_tiles, large_tile_m, large_tile_n, short_k;
+  const char* short_k_tile;
+  const char* long_k_tile;
+  const char* large_tile;
+};
+#include "tuning.inc"
 
-int lynx_abi_version() { return 2; }
-int lynx_num_configs() { return kNumConfigs; }
-const char* lynx_config_name(int i) { return (i >= 0 && i < kNumConfigs) ? kConfigs[i].name : nullptr; }
-int lynx_config_is_bf16(int i) { return (i >= 0 && i < kNumConfigs) ? kConfigs[i].is_bf16 : -1; }
+struct TileChoice {
+  const char* tile;
+  int swizzle, raster;
+};
 
-// D = scale[m] * (A~ W^T) + bias[n]. Returns 0 on success, a negative LYNX_ERR_* otherwise.
-int lynx_sparse_gemm(int config, const void* a_comp, const void* e, const void* w, const float* scale,
-                     const void* bias, void* d, int M, int N, int K, int swizzle, int raster,
-                     int device_id, int sm_count, int pdl, void* workspace, size_t workspace_bytes,
-                     cudaStream_t stream) {
-  if (config < 0 || config >= kNumConfigs) return LYNX_ERR_NO_CONFIG;
-  if (M == 0 || N == 0) return 0;
-  LynxGemmParams p{a_comp, e, w, scale, bias, d, M, N, K, swizzle, raster, device_id, sm_count, pdl, workspace,
-                   workspace_bytes};
-  return kConfigs[config].run(p, stream);
+TileChoice choose_tile(int M, int N, int layer_k) {
+  for (const TunedShape& t : kTuned) {
+    if (t.M == M && t.N == N && t.K == layer_k) return {t.tile, t.swizzle, t.raster};
+  }
+  const long long tiles_m = (static_cast<long long>(M) + kFallback.large_tile_m - 1) / kFallback.large_tile_m;
+  const long long tiles_n = (static_cast<long long>(N) + kFallback.large_tile_n - 1) / kFallback.large_tile_n;
+  const long long large_tiles = tiles_m * tiles_n;
+  if (M >= kFallback.min_m && large_tiles < kFallback.few_large_tiles) {
+    return {layer_k <= kFallback.short_k ? kFallback.short_k_tile : kFallback.long_k_tile, 1, 1};
+  }
+  return {kFallback.large_tile, 1, 1};
 }
 
-long long lynx_sparse_gemm_workspace(int config, int M, int N, int K, int sm_count) {
+// The index of <dtype>_<tile>; a tile given with a dtype prefix has it replaced. -1 when there is none.
+int config_index(int is_bf16, const char* tile) {
+  if (strncmp(tile, "bf16_", 5) == 0 || strncmp(tile, "fp16_", 5) == 0) tile += 5;
+  char name[96];
+  snprintf(name, sizeof(name), "%s_%s", is_bf16 ? "bf16" : "fp16", tile);
+  for (int i = 0; i < kNumConfigs; ++i) {
+    if (strcmp(kConfigs[i].name, name) == 0) return i;
+  }
+  return -1;
+}
+
+// LYNX_GEMM_CONFIG=<config>[:swizzle[:raster]], for tuning by hand; read on the first plan.
+struct ConfigOverride {
+  bool set = false, valid = false;
+  char tile[80] = {};
+  int swizzle = 1, raster = 0;
+};
+
+// Reads the integer at text, moving text past it; false when there is none.
+bool parse_int(const char*& text, int& value) {
+  char* end = nullptr;
+  const long parsed = strtol(text, &end, 10);
+  if (end == text) return false;
+  value = static_cast<int>(parsed);
+  text = end;
+  return true;
+}
+
+ConfigOverride read_override() {
+  ConfigOverride o;
+  const char* text = getenv("LYNX_GEMM_CONFIG");
+  if (text == nullptr || text[0] == '\0') return o;
+  o.set = true;
+  const char* colon = strchr(text, ':');
+  const size_t len = colon ? static_cast<size_t>(colon - text) : strlen(text);
+  if (len == 0 || len >= sizeof(o.tile)) return o;
+  memcpy(o.tile, text, len);
+  if (colon) {
+    const char* rest = colon + 1;
+    if (!parse_int(rest, o.swizzle)) return o;
+    if (*rest == ':' && !parse_int(++rest, o.raster)) return o;
+    if (*rest != '\0') return o;
+  }
+  const bool swizzle_ok = o.swizzle == 1 || o.swizzle == 2 || o.swizzle == 4 || o.swizzle == 8;
+  o.valid = swizzle_ok && o.raster >= 0 && o.raster <= 2 && config_index(1, o.tile) >= 0 && config_index(0, o.tile) >= 0;
+  return o;
+}
+
+const ConfigOverride& config_override() {
+  static const ConfigOverride o = read_override();
+  return o;
+}
+}  // namespace
+
+LYNX_API int lynx_abi_version(void) { return LYNX_ABI_VERSION; }
+
+LYNX_API const char* lynx_status_string(int status) {
+  if (status <= LYNX_ERR_CUDA_BASE) return cudaGetErrorString(static_cast<cudaError_t>(LYNX_ERR_CUDA_BASE - status));
+  switch (status) {
+    case LYNX_OK: return "success";
+    case LYNX_ERR_BAD_ARGUMENT: return "bad argument (a size, alignment or LoRA rank the kernels do not take)";
+    case LYNX_ERR_CANNOT_IMPLEMENT: return "CUTLASS cannot implement this GEMM (shape or alignment)";
+    case LYNX_ERR_WORKSPACE: return "GEMM workspace smaller than the plan's";
+    case LYNX_ERR_INIT: return "CUTLASS GEMM initialisation failed";
+    case LYNX_ERR_RUN: return "GEMM launch failed";
+    case LYNX_ERR_NO_CONFIG: return "no such GEMM configuration";
+    case LYNX_ERR_BAD_OVERRIDE:
+      return "LYNX_GEMM_CONFIG is not <config>[:swizzle[:raster]] with a compiled configuration, swizzle 1/2/4/8 "
+             "and raster 0/1/2";
+    default: return "unknown lynx status";
+  }
+}
+
+LYNX_API int lynx_num_configs(void) { return kNumConfigs; }
+
+LYNX_API const char* lynx_config_name(int config) {
+  return (config >= 0 && config < kNumConfigs) ? kConfigs[config].name : nullptr;
+}
+
+LYNX_API long long lynx_sparse_gemm_workspace(int config, int M, int N, int K, int sm_count) {
   if (config < 0 || config >= kNumConfigs) return -1;
   LynxGemmParams p{};
   p.M = M; p.N = N; p.K = K; p.swizzle = 1; p.sm_count = sm_count;
   return static_cast<long long>(kConfigs[config].ws(p));
 }
 
-const char* lynx_cuda_error_string(int err) { return cudaGetErrorString(static_cast<cudaError_t>(err)); }
+LYNX_API int lynx_gemm_plan(int is_bf16, int M, int N, int K, int layer_k, int sm_count, LynxGemmPlan* plan) {
+  if (plan == nullptr || M < 0 || N < 0 || K <= 0 || layer_k <= 0) return LYNX_ERR_BAD_ARGUMENT;
+  const ConfigOverride& forced = config_override();
+  if (forced.set && !forced.valid) return LYNX_ERR_BAD_OVERRIDE;
+  const TileChoice choice = forced.set ? TileChoice{forced.tile, forced.swizzle, forced.raster}
+                                       : choose_tile(M, N, layer_k);
+  const int config = config_index(is_bf16, choice.tile);
+  if (config < 0) return LYNX_ERR_NO_CONFIG;
+  const long long workspace = lynx_sparse_gemm_workspace(config, M, N, K, sm_count);
+  if (workspace < 0) return LYNX_ERR_NO_CONFIG;
+  *plan = LynxGemmPlan{config, choice.swizzle, choice.raster, workspace};
+  return LYNX_OK;
+}
 
-}  // extern "C"
+LYNX_API int lynx_sparse_gemm(int config, const void* a_comp, const void* e, const void* w, const float* scale,
+                              const void* bias, void* d, int M, int N, int K, int swizzle, int raster, int device_id,
+                              int sm_count, int pdl, void* workspace, size_t workspace_bytes, cudaStream_t stream) {
+  if (config < 0 || config >= kNumConfigs) return LYNX_ERR_NO_CONFIG;
+  if (M == 0 || N == 0) return LYNX_OK;
+  LynxGemmParams p{a_comp, e, w, scale, bias, d, M, N, K, swizzle, raster, device_id, sm_count, pdl, workspace,
+                   workspace_bytes};
+  return kConfigs[config].run(p, stream);
+}

@@ -22,7 +22,8 @@
 #include "cutlass/util/packed_stride.hpp"
 #include "cutlass/cluster_launch.hpp"
 
-#include "lynx_gemm_api.h"
+#include "gemm_params.h"
+#include "lynx_api.h"
 
 namespace lynx {
 

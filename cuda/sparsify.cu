@@ -25,6 +25,8 @@
 #include <cuda_bf16.h>
 #include <stdint.h>
 
+#include "lynx_api.h"
+
 namespace {
 
 constexpr int kBlockThreads = 256;
@@ -47,6 +49,81 @@ __device__ __forceinline__ float2 unpack2(uint32_t w) {
   } else {
     return __half22float2(*reinterpret_cast<const __half2*>(&w));
   }
+}
+
+// Sum of v over the kRowThreads threads of one token row, returned to each of them. red: kBlockThreads / 32 floats
+// of shared memory, free on entry (the first barrier waits for the previous call's readers).
+template <int kRowThreads>
+__device__ __forceinline__ float row_sum(float v, float* red) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  if constexpr (kRowThreads > 32) {
+    constexpr int kWarpsPerRow = kRowThreads / 32;
+    const int warp = threadIdx.x >> 5, first_warp = warp - warp % kWarpsPerRow;
+    __syncthreads();
+    if ((threadIdx.x & 31) == 0) red[warp] = v;
+    __syncthreads();
+    v = 0.f;
+#pragma unroll
+    for (int i = 0; i < kWarpsPerRow; ++i) v += red[first_warp + i];
+  }
+  return v;
+}
+
+// The elementwise producers, in fp32 as the framework computes them before rounding to the activation's dtype.
+template <int kProducer>
+__device__ __forceinline__ float activation(float v) {
+  if constexpr (kProducer == LYNX_PRODUCER_GELU) {
+    return 0.5f * v * (1.f + erff(v * 0.70710678118654752f));
+  } else if constexpr (kProducer == LYNX_PRODUCER_GELU_TANH) {
+    return 0.5f * v * (1.f + tanhf(0.79788456080286536f * (v + 0.044715f * v * v * v)));
+  } else {
+    static_assert(kProducer == LYNX_PRODUCER_SILU, "not an elementwise producer");
+    return v / (1.f + expf(-v));
+  }
+}
+
+// Applies the producer to one unit of 16 values (two uint4 of packed pairs) in place.
+// Layer norm: y = (x - mean) * rstd * mul[k] + add[k], mul/add the row's sample's fp32 rows (nullptr: 1 and 0).
+template <bool kBF16, int kProducer>
+__device__ __forceinline__ void produce_unit(uint4 (&unit)[2], float mean, float rstd, const float* mul,
+                                             const float* add) {
+  uint32_t* w = reinterpret_cast<uint32_t*>(unit);
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    float2 f = unpack2<kBF16>(w[i]);
+    if constexpr (kProducer == LYNX_PRODUCER_LAYER_NORM) {
+      f.x = (f.x - mean) * rstd;
+      f.y = (f.y - mean) * rstd;
+      if (mul != nullptr) {
+        const float2 a = __ldg(reinterpret_cast<const float2*>(mul) + i);
+        f.x *= a.x;
+        f.y *= a.y;
+      }
+      if (add != nullptr) {
+        const float2 b = __ldg(reinterpret_cast<const float2*>(add) + i);
+        f.x += b.x;
+        f.y += b.y;
+      }
+    } else {
+      f.x = activation<kProducer>(f.x);
+      f.y = activation<kProducer>(f.y);
+    }
+    w[i] = uint32_t(from_float<kBF16>(f.x)) | (uint32_t(from_float<kBF16>(f.y)) << 16);
+  }
+}
+
+// Sum over the 16 values of a unit of f(value).
+template <bool kBF16, class F>
+__device__ __forceinline__ float unit_sum(const uint4 (&unit)[2], F f) {
+  const uint32_t* w = reinterpret_cast<const uint32_t*>(unit);
+  float acc = 0.f;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    const float2 v = unpack2<kBF16>(w[i]);
+    acc += f(v.x) + f(v.y);
+  }
+  return acc;
 }
 
 // One group of 4 values in two words (value i in bits 16(i%2).. of word i/2). Returns the two kept values packed in
@@ -93,15 +170,15 @@ __device__ __forceinline__ uint4 ldg_stream(const uint4* p) {
   return r;
 }
 
-template <bool kBF16, int kRowThreads>
+template <bool kBF16, int kRowThreads, int kProducer>
 __global__ void __launch_bounds__(kBlockThreads, 4)
 sparsify_2to4_kernel(const uint16_t* __restrict__ x, int64_t ldx, int M, int K, int m_pad, int k_pad,
                      uint16_t* __restrict__ a_comp, uint8_t* __restrict__ e, float* __restrict__ scale,
-                     int norm, float eps, int swap_nibbles, const uint16_t* __restrict__ tail, int rank) {
+                     int norm, float eps, const uint16_t* __restrict__ tail, int rank, LynxProducer producer,
+                     int rows_per_sample) {
   // Let a PDL-launched GEMM start its prologue now; it waits (griddepcontrol.wait) for our completion.
   asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
   constexpr int kRowsPerBlock = kBlockThreads / kRowThreads;
-  constexpr int kWarpsPerRow = kRowThreads / 32;
   const int t = threadIdx.x % kRowThreads;
   const int row = blockIdx.x * kRowsPerBlock + threadIdx.x / kRowThreads;
   const bool in_pad = row < m_pad;
@@ -111,6 +188,7 @@ sparsify_2to4_kernel(const uint16_t* __restrict__ x, int64_t ldx, int M, int K, 
   const int a_ld = (K >> 1) + rank;
   uint16_t* ar = a_comp + int64_t(row) * a_ld;
   float dense_sq = 0.f, kept_sq = 0.f;
+  __shared__ float red[kBlockThreads / 32];
   if (in_pad) {
     for (int base = 0; base < units_pad; base += kRowThreads * kUnroll) {
       uint4 in[kUnroll][2];
@@ -121,6 +199,39 @@ sparsify_2to4_kernel(const uint16_t* __restrict__ x, int64_t ldx, int M, int K, 
           const uint4* p = reinterpret_cast<const uint4*>(xr + unit * 16);
           in[u][0] = ldg_stream(p);
           in[u][1] = ldg_stream(p + 1);
+        }
+      }
+      if constexpr (kProducer == LYNX_PRODUCER_LAYER_NORM) {
+        // The whole row is in registers (one round of loads: the entry point checks K), so its statistics are
+        // two row sums away; two passes (mean, then squared deviations) as the framework's layer norm.
+        float sum = 0.f;
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+          if (live && base + u * kRowThreads + t < units) sum += unit_sum<kBF16>(in[u], [](float v) { return v; });
+        }
+        const float mean = row_sum<kRowThreads>(sum, red) / K;
+        float sq = 0.f;
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+          if (live && base + u * kRowThreads + t < units) {
+            sq += unit_sum<kBF16>(in[u], [mean](float v) { return (v - mean) * (v - mean); });
+          }
+        }
+        const float rstd = rsqrtf(row_sum<kRowThreads>(sq, red) / K + producer.norm_eps);
+        const int64_t sample_offset = int64_t(live ? row / rows_per_sample : 0) * K;
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+          const int unit = base + u * kRowThreads + t;
+          if (live && unit < units) {
+            const int64_t at = sample_offset + unit * 16;
+            produce_unit<kBF16, kProducer>(in[u], mean, rstd, producer.mul ? producer.mul + at : nullptr,
+                                           producer.add ? producer.add + at : nullptr);
+          }
+        }
+      } else if constexpr (kProducer != LYNX_PRODUCER_NONE) {
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+          if (live && base + u * kRowThreads + t < units) produce_unit<kBF16, kProducer>(in[u], 0.f, 0.f, nullptr, nullptr);
         }
       }
 #pragma unroll
@@ -135,35 +246,16 @@ sparsify_2to4_kernel(const uint16_t* __restrict__ x, int64_t ldx, int M, int K, 
           outv.y = select_group<kBF16>(in[u][0].z, in[u][0].w, c1, dense_sq, kept_sq);
           outv.z = select_group<kBF16>(in[u][1].x, in[u][1].y, c2, dense_sq, kept_sq);
           outv.w = select_group<kBF16>(in[u][1].z, in[u][1].w, c3, dense_sq, kept_sq);
-          meta = swap_nibbles ? (c1 | (c0 << 4) | (c3 << 8) | (c2 << 12)) : (c0 | (c1 << 4) | (c2 << 8) | (c3 << 12));
+          meta = c0 | (c1 << 4) | (c2 << 8) | (c3 << 12);
           *reinterpret_cast<uint4*>(ar + unit * 8) = outv;
         }
         *reinterpret_cast<uint16_t*>(e + e_byte_offset(row, unit * 16, m_pad)) = static_cast<uint16_t>(meta);
       }
     }
   }
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) {
-    dense_sq += __shfl_xor_sync(0xffffffffu, dense_sq, o);
-    kept_sq += __shfl_xor_sync(0xffffffffu, kept_sq, o);
-  }
-  if constexpr (kWarpsPerRow > 1) {
-    // Every thread of the row needs s for the LoRA tail, so each sums its row's warps itself.
-    __shared__ float red[2][kBlockThreads / 32];
-    const int warp = threadIdx.x >> 5, first_warp = warp - warp % kWarpsPerRow;
-    if ((threadIdx.x & 31) == 0) {
-      red[0][warp] = dense_sq;
-      red[1][warp] = kept_sq;
-    }
-    __syncthreads();
-    dense_sq = 0.f;
-    kept_sq = 0.f;
-#pragma unroll
-    for (int i = 0; i < kWarpsPerRow; ++i) {
-      dense_sq += red[0][first_warp + i];
-      kept_sq += red[1][first_warp + i];
-    }
-  }
+  // Every thread of the row needs s for the LoRA tail, so each gets the row's sums.
+  dense_sq = row_sum<kRowThreads>(dense_sq, red);
+  kept_sq = row_sum<kRowThreads>(kept_sq, red);
   if (!live) return;
   const float s = norm ? sqrtf(dense_sq / (kept_sq + eps)) : 1.0f;
   if (t == 0 && scale != nullptr) scale[row] = s;
@@ -178,50 +270,72 @@ sparsify_2to4_kernel(const uint16_t* __restrict__ x, int64_t ldx, int M, int K, 
   }
 }
 
-template <bool kBF16, int kRowThreads>
+template <bool kBF16, int kRowThreads, int kProducer>
 void launch_sparsify(const void* x, long long ldx, int M, int K, int m_pad, int k_pad, void* a_comp, void* e,
-                     float* scale, int norm, float eps, int swap_nibbles, const void* tail, int rank,
-                     cudaStream_t stream) {
+                     float* scale, int norm, float eps, const void* tail, int rank, const LynxProducer& producer,
+                     int rows_per_sample, cudaStream_t stream) {
   constexpr int kRowsPerBlock = kBlockThreads / kRowThreads;
   const dim3 grid((m_pad + kRowsPerBlock - 1) / kRowsPerBlock);
-  sparsify_2to4_kernel<kBF16, kRowThreads><<<grid, kBlockThreads, 0, stream>>>(
+  sparsify_2to4_kernel<kBF16, kRowThreads, kProducer><<<grid, kBlockThreads, 0, stream>>>(
       static_cast<const uint16_t*>(x), ldx, M, K, m_pad, k_pad, static_cast<uint16_t*>(a_comp),
-      static_cast<uint8_t*>(e), scale, norm, eps, swap_nibbles, static_cast<const uint16_t*>(tail), rank);
+      static_cast<uint8_t*>(e), scale, norm, eps, static_cast<const uint16_t*>(tail), rank, producer,
+      rows_per_sample);
 }
 
-using LaunchFn = void (*)(const void*, long long, int, int, int, int, void*, void*, float*, int, float, int,
-                         const void*, int, cudaStream_t);
+using LaunchFn = void (*)(const void*, long long, int, int, int, int, void*, void*, float*, int, float, const void*,
+                         int, const LynxProducer&, int, cudaStream_t);
 
 // Threads per token row: enough that each thread has at most kUnroll units (one round of loads), so
 // long rows are split over more threads and the grid has many short blocks (no half-empty last wave).
-template <bool kBF16>
+template <bool kBF16, int kProducer>
 LaunchFn launcher_for(int k_pad) {
   const int need = (k_pad / 16 + kUnroll - 1) / kUnroll;
-  return need <= 32 ? launch_sparsify<kBF16, 32>
-       : need <= 64 ? launch_sparsify<kBF16, 64>
-       : need <= 128 ? launch_sparsify<kBF16, 128>
-                     : launch_sparsify<kBF16, 256>;
+  return need <= 32 ? launch_sparsify<kBF16, 32, kProducer>
+       : need <= 64 ? launch_sparsify<kBF16, 64, kProducer>
+       : need <= 128 ? launch_sparsify<kBF16, 128, kProducer>
+                     : launch_sparsify<kBF16, 256, kProducer>;
+}
+
+template <bool kBF16>
+LaunchFn launcher_for(int kind, int k_pad) {
+  switch (kind) {
+    case LYNX_PRODUCER_LAYER_NORM: return launcher_for<kBF16, LYNX_PRODUCER_LAYER_NORM>(k_pad);
+    case LYNX_PRODUCER_GELU: return launcher_for<kBF16, LYNX_PRODUCER_GELU>(k_pad);
+    case LYNX_PRODUCER_GELU_TANH: return launcher_for<kBF16, LYNX_PRODUCER_GELU_TANH>(k_pad);
+    case LYNX_PRODUCER_SILU: return launcher_for<kBF16, LYNX_PRODUCER_SILU>(k_pad);
+    default: return launcher_for<kBF16, LYNX_PRODUCER_NONE>(k_pad);
+  }
 }
 
 }  // namespace
 
-// a_comp holds M rows of K/2 + rank values; e covers K + 2 rank logical columns (lynx_metadata_bytes(M, K + 2 rank)).
-// tail (M x rank, or nullptr with rank 0): the LoRA down-projection, appended as described at the top.
-extern "C" int lynx_sparsify_2to4(int is_bf16, const void* x, long long ldx, int M, int K, void* a_comp, void* e,
-                                  float* scale, int norm, float eps, int swap_nibbles, const void* tail, int rank,
-                                  cudaStream_t stream) {
-  if (M < 0 || K <= 0 || (K % 16) != 0 || (ldx % 8) != 0) return -1;
-  if (rank < 0 || (rank % 8) != 0 || (rank > 0) != (tail != nullptr)) return -1;
+// Declared, with its buffers, in lynx_api.h.
+LYNX_API int lynx_sparsify_2to4(int is_bf16, const void* x, long long ldx, int M, int K, void* a_comp, void* e,
+                                float* scale, int norm, float eps, const void* tail, int rank,
+                                const LynxProducer* producer, cudaStream_t stream) {
+  if (M < 0 || K <= 0 || (K % 16) != 0 || (ldx % 8) != 0) return LYNX_ERR_BAD_ARGUMENT;
+  if (rank < 0 || (rank % 8) != 0 || (rank > 0) != (tail != nullptr)) return LYNX_ERR_BAD_ARGUMENT;
+  const LynxProducer none{LYNX_PRODUCER_NONE, nullptr, nullptr, 1, 0.f};
+  const LynxProducer& prod = producer != nullptr ? *producer : none;
+  if (prod.kind < LYNX_PRODUCER_NONE || prod.kind > LYNX_PRODUCER_SILU) return LYNX_ERR_BAD_ARGUMENT;
+  // A fused producer's output is never written, so nothing could compute a LoRA tail from it.
+  if (prod.kind != LYNX_PRODUCER_NONE && rank > 0) return LYNX_ERR_BAD_ARGUMENT;
+  if (prod.kind == LYNX_PRODUCER_LAYER_NORM && (K > LYNX_LAYER_NORM_MAX_K || prod.samples <= 0 || M % prod.samples)) {
+    return LYNX_ERR_BAD_ARGUMENT;
+  }
+  const int rows_per_sample = prod.samples > 0 && M > 0 ? M / prod.samples : 1;
   const int m_pad = (M + 63) / 64 * 64;
   const int k_pad = (K + 2 * rank + 127) / 128 * 128;
-  if (m_pad == 0) return 0;
-  const LaunchFn launch = is_bf16 ? launcher_for<true>(k_pad) : launcher_for<false>(k_pad);
-  launch(x, ldx, M, K, m_pad, k_pad, a_comp, e, scale, norm, eps, swap_nibbles, tail, rank, stream);
-  return static_cast<int>(cudaGetLastError());
+  if (m_pad == 0) return LYNX_OK;
+  const LaunchFn launch = is_bf16 ? launcher_for<true>(prod.kind, k_pad) : launcher_for<false>(prod.kind, k_pad);
+  launch(x, ldx, M, K, m_pad, k_pad, a_comp, e, scale, norm, eps, tail, rank, prod, rows_per_sample, stream);
+  const cudaError_t err = cudaGetLastError();
+  return err == cudaSuccess ? LYNX_OK : LYNX_ERR_CUDA_BASE - static_cast<int>(err);
 }
 
-extern "C" long long lynx_metadata_bytes(int M, int K) {
-  const long long m_pad = (M + 63) / 64 * 64;
-  const long long k_pad = (K + 127) / 128 * 128;
+// The E layout above pads M to 64 rows and K to 128 logical columns.
+LYNX_API long long lynx_metadata_bytes(int M, int K) {
+  const long long m_pad = (static_cast<long long>(M) + 63) / 64 * 64;
+  const long long k_pad = (static_cast<long long>(K) + 127) / 128 * 128;
   return m_pad * k_pad / 8;
 }

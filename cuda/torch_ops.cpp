@@ -1,14 +1,15 @@
-// lynx: the CUDA kernels of lynx::sparse_linear and lynx::sparse_linear_lora, in C++.
+// lynx: the CUDA kernels of lynx::sparse_linear, lynx::sparse_linear_lora and lynx::producer_sparse_linear, in C++.
 //
 // A DiT forward calls these ops once per sparse layer, and without CUDA graphs its speed is set by host
-// time: the same work in Python (allocations, ctypes marshalling, stream lookups) cost about three times
-// a cuBLAS F.linear call. This file does the supported case in C++ and hands every other case (another
-// pattern, dtype or device, a shape the kernels can't take, LoRA factors not yet packed) to the Python
-// implementation in lynx_compile.kernels, which falls back to the reference op with a warning.
+// time: the same work in Python (allocations, ctypes marshalling, stream lookups) costs about three times
+// a cuBLAS F.linear call. This file does the supported case in C++, GEMM plan included, and hands every other
+// case (another pattern, dtype or device, a shape the kernels can't take, LoRA factors not yet packed) to the
+// Python kernels in lynx_compile.kernels, which fall back to the reference op with a warning.
 //
-// Built by lynx_compile.kernels with torch.utils.cpp_extension against the running torch (the CUTLASS
-// kernels themselves live in the torch-independent liblynx_kernels.so, reached through the function
-// pointers handed to init()). Loading the module registers the two CUDA kernels with the dispatcher.
+// Built by lynx_compile.kernels with torch.utils.cpp_extension against the running torch. The CUTLASS kernels
+// live in the torch-independent liblynx_kernels.so, whose entry points init() resolves by name, typed by
+// lynx_api.h. Loading the module registers the two CUDA kernels with the dispatcher; init() hands them the Python
+// kernels first, which take every call until the entry points are resolved.
 #include <torch/extension.h>
 #include <torch/library.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -17,37 +18,37 @@
 #include <c10/cuda/CUDAStream.h>
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
+#include <dlfcn.h>
 
 #include <array>
+#include <atomic>
 #include <mutex>
+#include <string>
 #include <unordered_map>
+
+#include "lynx_api.h"
 
 namespace {
 
-using SparsifyFn = int (*)(int, const void*, long long, int, int, void*, void*, float*, int, float, int, const void*,
-                           int, cudaStream_t);
-using GemmFn = int (*)(int, const void*, const void*, const void*, const float*, const void*, void*, int, int, int,
-                       int, int, int, int, int, void*, size_t, cudaStream_t);
-using MetadataBytesFn = long long (*)(int, int);
-
 constexpr int kMaxDevices = 64;
 
-SparsifyFn g_sparsify = nullptr;
-GemmFn g_gemm = nullptr;
-MetadataBytesFn g_metadata_bytes = nullptr;
-// The multiples of in_features and out_features the kernels take (kernels.K_MULTIPLE, N_MULTIPLE).
-int64_t g_k_multiple = 0, g_n_multiple = 0;
+// The library's entry points this file calls, named and typed as in lynx_api.h.
+struct Library {
+  decltype(&::lynx_abi_version) lynx_abi_version = nullptr;
+  decltype(&::lynx_status_string) lynx_status_string = nullptr;
+  decltype(&::lynx_metadata_bytes) lynx_metadata_bytes = nullptr;
+  decltype(&::lynx_sparsify_2to4) lynx_sparsify_2to4 = nullptr;
+  decltype(&::lynx_gemm_plan) lynx_gemm_plan = nullptr;
+  decltype(&::lynx_sparse_gemm) lynx_sparse_gemm = nullptr;
+};
+Library g_lib;
+std::atomic<bool> g_ready{false};  // every entry point resolved
 bool g_pdl = true;
-// Python callables: plan(is_bf16, M, N, K, layer_k, device) -> (config, swizzle, raster, workspace bytes), run once
-// per GEMM shape; fallback_linear / fallback_lora: the Python implementations of the two ops.
-py::object* g_plan_fn = nullptr;
+// The Python kernels of the three ops.
 py::object* g_fallback_linear = nullptr;
 py::object* g_fallback_lora = nullptr;
+py::object* g_fallback_producer = nullptr;
 
-struct Plan {
-  int config, swizzle, raster;
-  int64_t workspace;
-};
 using PlanKey = std::array<int64_t, 6>;
 struct PlanKeyHash {
   size_t operator()(const PlanKey& k) const {
@@ -57,16 +58,16 @@ struct PlanKeyHash {
   }
 };
 std::mutex g_plan_mutex;
-std::unordered_map<PlanKey, Plan, PlanKeyHash> g_plans;
+std::unordered_map<PlanKey, LynxGemmPlan, PlanKeyHash> g_plans;
 
-// Per device: -1 unknown, 0 not sm_90, else the SM count.
+// Per device: -1 unknown, 0 not a GPU the kernels are compiled for, else the SM count.
 std::array<int, kMaxDevices> g_sm_count = [] {
   std::array<int, kMaxDevices> a{};
   a.fill(-1);
   return a;
 }();
 
-int sm90_sm_count(int device) {
+int kernel_sm_count(int device) {
   if (device < 0 || device >= kMaxDevices) return 0;
   int& cached = g_sm_count[device];
   if (cached < 0) {
@@ -74,24 +75,26 @@ int sm90_sm_count(int device) {
     cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
     cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
     cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-    cached = (major == 9 && minor == 0) ? sms : 0;
+    cached = major * 10 + minor == LYNX_COMPUTE_CAPABILITY ? sms : 0;
   }
   return cached;
 }
 
-Plan plan_for(bool is_bf16, int64_t M, int64_t N, int64_t K, int64_t layer_k, int device) {
+void check(int status, const char* what) {
+  TORCH_CHECK(status == LYNX_OK, "lynx ", what, " failed with code ", status, ": ", g_lib.lynx_status_string(status));
+}
+
+LynxGemmPlan plan_for(bool is_bf16, int64_t M, int64_t N, int64_t K, int64_t layer_k, int device) {
   const PlanKey key{is_bf16, M, N, K, layer_k, device};
   {
     std::lock_guard<std::mutex> lock(g_plan_mutex);
     auto it = g_plans.find(key);
     if (it != g_plans.end()) return it->second;
   }
-  Plan plan;
-  {
-    py::gil_scoped_acquire gil;
-    auto t = (*g_plan_fn)(is_bf16, M, N, K, layer_k, device).cast<std::tuple<int, int, int, int64_t>>();
-    plan = {std::get<0>(t), std::get<1>(t), std::get<2>(t), std::get<3>(t)};
-  }
+  LynxGemmPlan plan{};
+  check(g_lib.lynx_gemm_plan(is_bf16, static_cast<int>(M), static_cast<int>(N), static_cast<int>(K),
+                             static_cast<int>(layer_k), kernel_sm_count(device), &plan),
+        "GEMM plan");
   std::lock_guard<std::mutex> lock(g_plan_mutex);
   g_plans.emplace(key, plan);
   return plan;
@@ -104,22 +107,16 @@ at::Tensor aligned_contiguous(const at::Tensor& t) {
   return aligned16(c) ? c : c.clone();
 }
 
-// The kernels take the call: 2:4, bf16/fp16, one sm_90 device, K and N multiples of what the tiles need.
+// The kernels take the call: 2:4, bf16/fp16, one device they are compiled for, K and N multiples of what the tiles need.
 bool kernel_takes(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias, int64_t n,
                   int64_t m, int64_t in_features) {
-  if (n != 2 || m != 4 || !g_sparsify || !g_gemm) return false;
+  if (n != 2 || m != 4 || !g_ready.load(std::memory_order_acquire)) return false;
   const auto dtype = x.scalar_type();
   if (dtype != at::kBFloat16 && dtype != at::kHalf) return false;
   if (weight.scalar_type() != dtype || weight.device() != x.device() || weight.dim() != 2) return false;
   if (bias && (bias->device() != x.device() || bias->dim() != 1 || bias->size(0) != weight.size(0))) return false;
-  if (in_features % g_k_multiple != 0 || weight.size(0) % g_n_multiple != 0) return false;
-  return sm90_sm_count(x.device().index()) > 0;
-}
-
-void check(int rc, const char* what) {
-  TORCH_CHECK(rc == 0, "lynx ", what, " failed with code ", rc,
-              rc <= -1000 ? std::string(": ") + cudaGetErrorString(static_cast<cudaError_t>(-1000 - rc))
-                          : std::string());
+  if (in_features % LYNX_K_MULTIPLE != 0 || weight.size(0) % LYNX_N_MULTIPLE != 0) return false;
+  return kernel_sm_count(x.device().index()) > 0;
 }
 
 // T = x2 . lora_down^T (M x r; both row-major, contiguous), with one cuBLAS call on torch's handle for the current
@@ -136,9 +133,10 @@ at::Tensor down_project(const at::Tensor& x2, const at::Tensor& lora_down) {
   return t;
 }
 
-// Sparsify x (appending x . lora_down^T when given) and run the one sparse GEMM against weight (N x (K + 2r)).
+// Sparsify x (appending x . lora_down^T when given, running producer on it first when given) and run the one sparse
+// GEMM against weight (N x (K + 2r)).
 at::Tensor launch(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias, bool norm,
-                  double eps, const std::optional<at::Tensor>& lora_down) {
+                  double eps, const std::optional<at::Tensor>& lora_down, const LynxProducer* producer = nullptr) {
   const c10::cuda::CUDAGuard guard(x.device());
   const int device = x.device().index();
   const int64_t K = x.size(-1), N = weight.size(0);
@@ -156,31 +154,33 @@ at::Tensor launch(const at::Tensor& x, const at::Tensor& weight, const std::opti
   at::Tensor tail;
   if (rank) tail = down_project(x2, *lora_down);
   const int64_t k_total = K + 2 * rank;
-  const int64_t meta_bytes = g_metadata_bytes(static_cast<int>(M), static_cast<int>(k_total));
+  const int64_t meta_bytes = g_lib.lynx_metadata_bytes(static_cast<int>(M), static_cast<int>(k_total));
   at::Tensor values = at::empty({M, K / 2 + rank}, x.options());
   at::Tensor meta = at::empty({meta_bytes}, x.options().dtype(at::kByte));
   at::Tensor scale = at::empty({M}, x.options().dtype(at::kFloat));
-  check(g_sparsify(is_bf16, x2.data_ptr(), K, static_cast<int>(M), static_cast<int>(K), values.data_ptr(),
-                   meta.data_ptr(), scale.data_ptr<float>(), norm, static_cast<float>(eps), 0,
-                   rank ? tail.data_ptr() : nullptr, static_cast<int>(rank), stream),
+  check(g_lib.lynx_sparsify_2to4(is_bf16, x2.data_ptr(), K, static_cast<int>(M), static_cast<int>(K),
+                                 values.data_ptr(), meta.data_ptr(), scale.data_ptr<float>(), norm,
+                                 static_cast<float>(eps), rank ? tail.data_ptr() : nullptr, static_cast<int>(rank),
+                                 producer, stream),
         "sparsify");
 
   const at::Tensor w = aligned_contiguous(weight);
   at::Tensor b;
   if (bias) b = aligned_contiguous(bias->scalar_type() == x.scalar_type() ? *bias : bias->to(x.scalar_type()));
-  const Plan plan = plan_for(is_bf16, M, N, k_total, K, device);
+  const LynxGemmPlan plan = plan_for(is_bf16, M, N, k_total, K, device);
   at::Tensor workspace;
-  if (plan.workspace > 0) workspace = at::empty({plan.workspace}, x.options().dtype(at::kByte));
-  check(g_gemm(plan.config, values.data_ptr(), meta.data_ptr(), w.data_ptr(), scale.data_ptr<float>(),
-               b.defined() ? b.data_ptr() : nullptr, out.data_ptr(), static_cast<int>(M), static_cast<int>(N),
-               static_cast<int>(k_total), plan.swizzle, plan.raster, device, sm90_sm_count(device), g_pdl,
-               workspace.defined() ? workspace.data_ptr() : nullptr, static_cast<size_t>(plan.workspace), stream),
+  if (plan.workspace_bytes > 0) workspace = at::empty({plan.workspace_bytes}, x.options().dtype(at::kByte));
+  check(g_lib.lynx_sparse_gemm(plan.config, values.data_ptr(), meta.data_ptr(), w.data_ptr(), scale.data_ptr<float>(),
+                               b.defined() ? b.data_ptr() : nullptr, out.data_ptr(), static_cast<int>(M),
+                               static_cast<int>(N), static_cast<int>(k_total), plan.swizzle, plan.raster, device,
+                               kernel_sm_count(device), g_pdl, workspace.defined() ? workspace.data_ptr() : nullptr,
+                               static_cast<size_t>(plan.workspace_bytes), stream),
         "sparse GEMM");
   return out.view(out_shape);
 }
 
-// Every case the kernels don't take goes to the Python implementation (which raises on bad arguments, or
-// warns once and runs the reference op).
+// Every case the kernels don't take goes to the Python kernels (which raise on bad arguments, or warn once and
+// run the reference op).
 template <class... Args>
 at::Tensor call_python(py::object* fn, Args&&... args) {
   TORCH_CHECK(fn != nullptr, "lynx: C++ op kernels used before init()");
@@ -211,19 +211,80 @@ at::Tensor sparse_linear_lora(const at::Tensor& x, const at::Tensor& weight_lora
   return launch(x, weight_lora, bias, norm, eps, lora_down);
 }
 
-void init(uintptr_t sparsify, uintptr_t gemm, uintptr_t metadata_bytes, int64_t k_multiple, int64_t n_multiple,
-          bool pdl, py::object plan_fn, py::object fallback_linear, py::object fallback_lora) {
-  TORCH_CHECK(k_multiple > 0 && n_multiple > 0, "lynx: bad kernel multiples");
-  g_sparsify = reinterpret_cast<SparsifyFn>(sparsify);
-  g_gemm = reinterpret_cast<GemmFn>(gemm);
-  g_metadata_bytes = reinterpret_cast<MetadataBytesFn>(metadata_bytes);
-  g_k_multiple = k_multiple;
-  g_n_multiple = n_multiple;
-  g_pdl = pdl;
+int producer_kind(c10::string_view name) {
+  if (name == "layer_norm") return LYNX_PRODUCER_LAYER_NORM;
+  if (name == "gelu") return LYNX_PRODUCER_GELU;
+  if (name == "gelu_tanh") return LYNX_PRODUCER_GELU_TANH;
+  if (name == "silu") return LYNX_PRODUCER_SILU;
+  return -1;
+}
+
+// The producer's fp32 (samples x K) rows fit the kernel: contiguous on x's device, one sample count, which splits
+// the tokens. Sets samples (1 without rows).
+bool producer_rows_fit(const at::Tensor& x, const std::optional<at::Tensor>& mul, const std::optional<at::Tensor>& add,
+                       int64_t& samples) {
+  samples = 0;
+  for (const auto* rows : {&mul, &add}) {
+    if (!*rows) continue;
+    const at::Tensor& t = **rows;
+    if (t.scalar_type() != at::kFloat || t.dim() != 2 || t.size(1) != x.size(-1) || !t.is_contiguous() ||
+        t.device() != x.device() || (samples && t.size(0) != samples) || t.size(0) < 1) {
+      return false;
+    }
+    samples = t.size(0);
+  }
+  if (!samples) samples = 1;
+  return (x.numel() / x.size(-1)) % samples == 0;
+}
+
+at::Tensor producer_sparse_linear(const at::Tensor& x, c10::string_view producer, const std::optional<at::Tensor>& mul,
+                                  const std::optional<at::Tensor>& add, double producer_eps, const at::Tensor& weight,
+                                  const std::optional<at::Tensor>& bias, int64_t n, int64_t m, bool norm, double eps) {
+  const int kind = producer_kind(producer);
+  int64_t samples = 1;
+  const bool layer_norm = kind == LYNX_PRODUCER_LAYER_NORM;
+  const bool fits = kind > 0 && x.size(-1) > 0 && weight.dim() == 2 && weight.size(1) == x.size(-1) &&
+                    (layer_norm ? x.size(-1) <= LYNX_LAYER_NORM_MAX_K : !mul && !add) &&
+                    producer_rows_fit(x, mul, add, samples);
+  if (!fits || !kernel_takes(x, weight, bias, n, m, x.size(-1))) {
+    return call_python(g_fallback_producer, x, std::string(producer), mul, add, producer_eps, weight, bias, n, m, norm,
+                       eps);
+  }
+  const LynxProducer fused{kind, mul ? mul->const_data_ptr<float>() : nullptr,
+                           add ? add->const_data_ptr<float>() : nullptr, static_cast<int>(samples),
+                           static_cast<float>(producer_eps)};
+  return launch(x, weight, bias, norm, eps, std::nullopt, &fused);
+}
+
+template <class Fn>
+void resolve(void* handle, const char* name, Fn& entry) {
+  entry = reinterpret_cast<Fn>(dlsym(handle, name));
+  TORCH_CHECK(entry != nullptr, "lynx: ", name, " missing from the kernel library");
+}
+
+void init(const std::string& library_path, bool pdl, py::object fallback_linear, py::object fallback_lora,
+          py::object fallback_producer) {
   // Leaked on purpose: the registered kernels may run until interpreter exit.
-  g_plan_fn = new py::object(std::move(plan_fn));
   g_fallback_linear = new py::object(std::move(fallback_linear));
   g_fallback_lora = new py::object(std::move(fallback_lora));
+  g_fallback_producer = new py::object(std::move(fallback_producer));
+  g_pdl = pdl;
+  // Already loaded by ctypes: this only takes another reference to it, which is never dropped.
+  void* handle = dlopen(library_path.c_str(), RTLD_NOW | RTLD_LOCAL);
+  TORCH_CHECK(handle != nullptr, "lynx: cannot open ", library_path, ": ", dlerror());
+  Library lib;
+#define LYNX_RESOLVE(NAME) resolve(handle, #NAME, lib.NAME)
+  LYNX_RESOLVE(lynx_abi_version);
+  LYNX_RESOLVE(lynx_status_string);
+  LYNX_RESOLVE(lynx_metadata_bytes);
+  LYNX_RESOLVE(lynx_sparsify_2to4);
+  LYNX_RESOLVE(lynx_gemm_plan);
+  LYNX_RESOLVE(lynx_sparse_gemm);
+#undef LYNX_RESOLVE
+  TORCH_CHECK(lib.lynx_abi_version() == LYNX_ABI_VERSION, "lynx: kernel library ABI ", lib.lynx_abi_version(),
+              ", this module's ", LYNX_ABI_VERSION);
+  g_lib = lib;
+  g_ready.store(true, std::memory_order_release);
 }
 
 }  // namespace
@@ -231,8 +292,9 @@ void init(uintptr_t sparsify, uintptr_t gemm, uintptr_t metadata_bytes, int64_t 
 TORCH_LIBRARY_IMPL(lynx, CUDA, m) {
   m.impl("sparse_linear", &sparse_linear);
   m.impl("sparse_linear_lora", &sparse_linear_lora);
+  m.impl("producer_sparse_linear", &producer_sparse_linear);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("init", &init, "Hand the module the kernel entry points and multiples, the GEMM planner and the Python fallbacks.");
+  m.def("init", &init, "Resolve the kernel library's entry points; take the PDL setting and the Python kernels.");
 }

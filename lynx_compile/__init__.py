@@ -7,7 +7,12 @@ from . import ops  # noqa: F401  (registers torch.ops.lynx.*)
 from .backend import LynxBackend, backend, explain
 from .calibrate import Compensation, calibrate
 from .config import LynxConfig
+from .diagnostics import LynxWarning
 from .report import LayerDecision, Report
+from .types import CompensationMode, Decision, Role
 
-__all__ = ["Compensation", "LayerDecision", "LynxBackend", "LynxConfig", "Report", "backend", "calibrate", "explain"]
+__all__ = [
+    "Compensation", "CompensationMode", "Decision", "LayerDecision", "LynxBackend", "LynxConfig", "LynxWarning", "Report",
+    "Role", "backend", "calibrate", "explain",
+]
 __version__ = "0.1.0"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import itertools
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import replace
 from typing import Any
 
 import torch
@@ -13,22 +12,69 @@ import torch.fx as fx
 
 from . import ops  # noqa: F401  (defines torch.ops.lynx.*)
 from .config import LynxConfig
+from .diagnostics import graph_warnings, warn_once
 from .passes import PassContext, run_pipeline
+from .passes.graph import tensor_rank
 from .report import LayerDecision, Report
+from .types import Decision
 
 log = logging.getLogger("lynx_compile")
 _graph_counter = itertools.count()
+
+INFERENCE_ONLY = (
+    "lynx: inference only; the lynx ops have no backward (run under torch.no_grad() / torch.inference_mode(), "
+    "or compile without lynx for training)"
+)
+
+
+class _NoBackward(torch.autograd.Function):
+    """Gives the outputs of a lynx graph, computed without autograd, a backward that says why there is none."""
+
+    @staticmethod
+    def forward(ctx: Any, anchor: torch.Tensor, *outputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        # Not views of the inputs: a view made in a custom Function cannot be modified in place.
+        return tuple(output.detach() for output in outputs)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Any) -> Any:
+        raise RuntimeError(INFERENCE_ONLY)
+
+
+def _inference_only(run: Callable) -> Callable:
+    """``run`` without autograd. Where grad mode is on and an input requires grad, a backward
+    through the floating-point outputs raises ``INFERENCE_ONLY`` instead of torch's "does not
+    require grad", or instead of silently leaving out the layers before them."""
+
+    def compiled(*args: Any) -> Any:
+        if not torch.is_grad_enabled():
+            return run(*args)
+        with torch.no_grad():
+            outputs = run(*args)
+        anchor = next((a for a in args if isinstance(a, torch.Tensor) and a.requires_grad), None)
+        if anchor is None or not isinstance(outputs, (list, tuple)):
+            return outputs
+        index = [i for i, out in enumerate(outputs) if isinstance(out, torch.Tensor) and out.is_floating_point()]
+        result = list(outputs)
+        for i, out in zip(index, _NoBackward.apply(anchor, *(outputs[i] for i in index)) if index else ()):
+            result[i] = out
+        return result if isinstance(outputs, list) else tuple(result)
+
+    return compiled
 
 
 class LynxBackend:
     """A Dynamo backend callable; ``report`` collects the decisions of every graph it compiled."""
 
-    def __init__(self, config: LynxConfig | None = None, *, inductor: bool = True, dump_dir: str | None = None):
+    def __init__(self, config: LynxConfig | None = None, *, inductor: bool = True, dump_dir: str | None = None,
+                 warn: bool = True):
         if config is not None and not isinstance(config, LynxConfig):
             raise ValueError(f"lynx backend: config must be a LynxConfig, got {type(config).__name__}")
         self.config = config or LynxConfig()
         self.inductor = inductor
         self.dump_dir = dump_dir
+        self.warn = warn
+        """Emit a ``LynxWarning`` (once per cause) for a graph left with no sparse layer, or with layers
+        kept dense by a graph break; ``trace()`` and ``explain()`` report instead."""
         self.report = Report()
         self.graph_modules: list[fx.GraphModule] = []
         """The rewritten graphs, kept when Inductor is skipped (explain, lynx-dump)."""
@@ -37,11 +83,10 @@ class LynxBackend:
                  mode: str | None = None) -> Callable:
         """``options`` override config fields; ``mode`` is torch.compile's, applied to Inductor
         (``"reduce-overhead"``: CUDA graphs; ``"max-autotune"``...)."""
-        config = self.config
-        if options:
-            LynxConfig.from_options(options)  # names the bad key, if any
-            config = replace(config, **options)
-        from . import kernels  # noqa: F401  (registers the CUDA kernels of the lynx ops, where there are any)
+        config = self.config.with_options(options)
+        from . import kernels
+
+        kernels.load()  # once: builds/loads the CUDA kernels of the lynx ops where a GPU takes them; False elsewhere
         graph_index = next(_graph_counter)
         ctx = PassContext(gm, list(example_inputs), config, graph_index=graph_index)
         run_pipeline(gm, ctx, self.dump_dir)
@@ -52,25 +97,24 @@ class LynxBackend:
             # the lynx ops have no backward.
             mode_options = torch._inductor.list_mode_options(mode) if mode else {}
             with torch.no_grad(), torch._inductor.config.patch(mode_options):
-                inductor_compiled = compile_fx(gm, list(example_inputs))
-
-            def compiled(*args: Any) -> Any:
-                with torch.no_grad():
-                    return inductor_compiled(*args)
+                compiled = compile_fx(gm, list(example_inputs))
         else:
             compiled = gm.forward
             self.graph_modules.append(gm)
         # Recorded only now: Inductor may raise to make Dynamo restart the trace, and the
         # retried graph then comes through here again.
         self._record(ctx.decisions, graph_index)
-        return compiled
+        if self.warn:
+            has_token_dim = any((tensor_rank(node) or 0) > 2 for node in gm.graph.nodes)
+            warn_once(graph_warnings(ctx.decisions, config, has_token_dim))
+        return _inference_only(compiled)
 
     def _record(self, decisions: list[LayerDecision], graph_index: int) -> None:
         for decision in decisions:
             decision.graph = self.report.graphs
         self.report.graphs += 1
         self.report.layers.extend(decisions)
-        sparse = sum(d.decision == "sparse" for d in decisions)
+        sparse = sum(d.decision == Decision.SPARSE for d in decisions)
         log.info("lynx graph %d: %d of %d linear layers sparse", graph_index, sparse, len(decisions))
 
 
@@ -79,11 +123,7 @@ def backend(config: LynxConfig | None = None, **options: Any) -> LynxBackend:
 
     Keyword options, if given, override fields of ``config`` (``backend(pattern="4:8")``).
     """
-    config = config or LynxConfig()
-    if options:
-        LynxConfig.from_options(options)
-        config = replace(config, **options)
-    return LynxBackend(config)
+    return LynxBackend((config or LynxConfig()).with_options(options))
 
 
 def lynx_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: dict | None = None,
@@ -96,6 +136,7 @@ def trace(model: torch.nn.Module | Callable, args: Sequence[Any], kwargs: dict, 
           dynamic: bool | None = False) -> Report:
     """Run ``model(*args, **kwargs)`` once under ``torch.compile(backend=recorder)``; its report."""
     breaks_before = dict(torch._dynamo.utils.counters["graph_break"])
+    recorder.warn = False  # the report says it all
     compiled = torch.compile(model, backend=recorder, dynamic=dynamic)
     # A fresh backend object is a new cache entry for every traced frame: lift the limit so
     # Dynamo does not silently fall back to eager on models traced many times already.
@@ -110,7 +151,8 @@ def trace(model: torch.nn.Module | Callable, args: Sequence[Any], kwargs: dict, 
     return recorder.report
 
 
-def explain(model: torch.nn.Module | Callable, *example_inputs: Any, config: LynxConfig | None = None, **example_kwargs: Any) -> Report:
+def explain(model: torch.nn.Module | Callable, *example_inputs: Any, config: LynxConfig | None = None,
+            **example_kwargs: Any) -> Report:
     """Trace ``model`` on the example inputs and report, per linear layer, what lynx would do.
 
     Runs the lynx passes exactly as ``torch.compile(model, backend="lynx")`` would, but skips

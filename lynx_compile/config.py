@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from numbers import Real
 from typing import Any
 
-COMPENSATIONS = ("none", "norm", "lora")
+from .types import CompensationMode, Role
 
-ROLES = ("attn_qkv", "attn_out", "mlp_up", "mlp_down", "conditioning", "embedder", "final", "other")
-"""Roles a linear can play, as recognised from the graph's structure (see passes/roles.py)."""
+DEFAULT_SPARSE_ROLES = frozenset({Role.ATTN_QKV, Role.MLP_UP, Role.MLP_DOWN})
 
-DEFAULT_SPARSE_ROLES = frozenset({"attn_qkv", "mlp_up", "mlp_down"})
+NORM_EPS = 1e-12
+"""Default eps of the norm-compensation scale: keeps all-zero tokens at s = 0 instead of NaN."""
 
 
 @dataclass(frozen=True)
@@ -24,7 +26,7 @@ class LynxConfig:
     """N:M activation sparsity: keep the N largest |x| in every M consecutive input features of
     each token. The GPU kernels run "2:4"; any "N:M" with 0 < N < M runs on the reference path."""
 
-    compensation: str = "norm"
+    compensation: CompensationMode = CompensationMode.NORM
     """"none": plain N:M. "norm": rescale each sparsified token to its dense L2 norm.
     "lora": norm plus a calibrated low-rank correction fed by the dense input (implies norm)."""
 
@@ -36,7 +38,7 @@ class LynxConfig:
     exclude: str | None = None
     """Regex over module qualified names that always stay dense; applied after ``include``."""
 
-    sparse_roles: frozenset[str] = DEFAULT_SPARSE_ROLES
+    sparse_roles: frozenset[Role] = DEFAULT_SPARSE_ROLES
     """Roles sparsified by default, following RT-Lynx: attention q/k/v projections (fused or
     not) and MLP up/down projections. Modulation, embedders and the final layer stay dense."""
 
@@ -46,24 +48,30 @@ class LynxConfig:
 
     compensation_state: Mapping[str, tuple[Any, Any]] | None = field(default=None, hash=False, compare=False)
     """Calibrated LoRA factors keyed by module qualified name: ``name -> (lora_down (r, K),
-    lora_up (N, r))``, e.g. the ``Compensation`` returned by ``lynx_compile.calibrate`` (its
-    pattern must match). Required by ``compensation="lora"``; ignored otherwise. Factors that
-    do not fit their layer's weight raise ValueError when the model is compiled."""
+    lora_up (N, r))``; ``comp.config()`` of a ``Compensation`` from ``lynx_compile.calibrate``
+    fills it. Required by ``compensation="lora"``; ignored otherwise. Factors that do not fit
+    their layer's weight raise ValueError when the model is compiled."""
 
     speed_guard: bool = True
     """On the CUDA kernel path, keep layers dense where sparsify + sparse GEMM was measured
-    slower than dense cuBLAS (``lynx_compile.kernels.slower_than_dense``). Off: every selected
+    slower than dense cuBLAS (``lynx_compile.passes.speed_policy``). Off: every selected
     layer the kernel can take runs sparse, e.g. for quality studies."""
 
-    eps: float = 1e-12
+    fuse_producers: bool = True
+    """Run the kernel that produces a sparse layer's input (adaLN's LayerNorm and modulation,
+    GELU, SiLU) inside the layer's sparsify step, so that the producer's output is never written
+    and read back (``lynx_compile.passes.fuse_producers``). Off: the producer stays a kernel of
+    its own and the sparsify step reads its output."""
+
+    eps: float = NORM_EPS
     """eps of the norm-compensation scale sqrt(||x||^2 / (||x~||^2 + eps))."""
 
     sensitivity: Mapping[str, float] | None = field(default=None, hash=False, compare=False)
-    """Measured relative error per layer, keyed by module qualified name: a ``Compensation``
-    from ``lynx_compile.calibrate`` (its ``sensitivity(compensation)``: the whole model's output
-    error with that layer alone sparse, under this config's compensation, when measured; else
-    the layer's own output error) or any such mapping. Shown by ``explain()``; with
-    ``max_layer_error`` and/or ``dense_flop_budget`` it keeps the most sensitive layers dense."""
+    """Measured relative error per layer, keyed by module qualified name, e.g.
+    ``comp.sensitivity("lora")`` of a ``Compensation`` from ``lynx_compile.calibrate`` (the whole
+    model's output error with that layer alone sparse, when measured; else the layer's own output
+    error), which ``comp.config()`` passes. Shown by ``explain()``; with ``max_layer_error``
+    and/or ``dense_flop_budget`` it keeps the most sensitive layers dense."""
 
     max_layer_error: float | None = None
     """Layers whose measured error (``sensitivity``) exceeds this stay dense. None: no threshold
@@ -92,15 +100,18 @@ class LynxConfig:
         if not isinstance(self.pattern, str) or match is None or not 0 < int(match[1]) < int(match[2]):
             raise ValueError(f"LynxConfig.pattern: expected 'N:M' with 0 < N < M (e.g. '2:4'), got {self.pattern!r}")
         object.__setattr__(self, "pattern", f"{int(match[1])}:{int(match[2])}")
-        if self.compensation not in COMPENSATIONS:
-            raise ValueError(f"LynxConfig.compensation: expected one of {COMPENSATIONS}, got {self.compensation!r}")
+        if self.compensation not in tuple(CompensationMode):
+            modes = tuple(mode.value for mode in CompensationMode)
+            raise ValueError(f"LynxConfig.compensation: expected one of {modes}, got {self.compensation!r}")
+        object.__setattr__(self, "compensation", CompensationMode(self.compensation))
         if self.compensation == "lora" and self.compensation_state is None:
             raise ValueError(
                 "LynxConfig.compensation_state: compensation='lora' needs calibrated LoRA factors "
                 "(a mapping 'module name' -> (lora_down, lora_up)); use 'norm' or 'none' without them"
             )
         if self.compensation_state is not None and not isinstance(self.compensation_state, Mapping):
-            raise ValueError(f"LynxConfig.compensation_state: expected a mapping of module name -> (lora_down, lora_up), got {type(self.compensation_state).__name__}")
+            raise ValueError("LynxConfig.compensation_state: expected a mapping of module name -> (lora_down, lora_up), "
+                             f"got {type(self.compensation_state).__name__}")
         for name in ("include", "exclude"):
             value = getattr(self, name)
             if value is None:
@@ -112,56 +123,22 @@ class LynxConfig:
             except re.error as err:
                 raise ValueError(f"LynxConfig.{name}: invalid regex {value!r}: {err}") from None
         roles = self.sparse_roles
-        if isinstance(roles, str) or not all(role in ROLES for role in roles):
-            raise ValueError(f"LynxConfig.sparse_roles: expected a set drawn from {ROLES}, got {roles!r}")
-        object.__setattr__(self, "sparse_roles", frozenset(roles))
+        if isinstance(roles, str) or not all(role in tuple(Role) for role in roles):
+            names = tuple(role.value for role in Role)
+            raise ValueError(f"LynxConfig.sparse_roles: expected a set drawn from {names}, got {roles!r}")
+        object.__setattr__(self, "sparse_roles", frozenset(Role(role) for role in roles))
         if isinstance(self.min_features, bool) or not isinstance(self.min_features, int) or self.min_features < 0:
             raise ValueError(f"LynxConfig.min_features: expected an int >= 0, got {self.min_features!r}")
-        if not isinstance(self.speed_guard, bool):
-            raise ValueError(f"LynxConfig.speed_guard: expected True or False, got {self.speed_guard!r}")
+        for flag in ("speed_guard", "fuse_producers"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"LynxConfig.{flag}: expected True or False, got {getattr(self, flag)!r}")
         if not isinstance(self.eps, (int, float)) or isinstance(self.eps, bool) or not 0 < self.eps < 1:
             raise ValueError(f"LynxConfig.eps: expected a float in (0, 1), got {self.eps!r}")
-        self._check_compensation_state()
+        for name, factors in (self.compensation_state or {}).items():
+            check_lora_factors(name, factors)
         self._check_sensitivity()
 
-    def _check_calibrated_pattern(self, field_name: str, calibration: Any) -> None:
-        """A Compensation knows the N:M pattern it was calibrated with; it must be this config's."""
-        calibrated = getattr(calibration, "pattern", None)
-        if calibrated is not None and calibrated != self.pattern:
-            raise ValueError(f"LynxConfig.{field_name}: calibrated for pattern {calibrated}, but pattern is {self.pattern}")
-
-    def _check_compensation_state(self) -> None:
-        state = self.compensation_state
-        if state is None:
-            return
-        self._check_calibrated_pattern("compensation_state", state)
-        for name, factors in state.items():
-            ok = isinstance(factors, (tuple, list)) and len(factors) == 2
-            down, up = factors if ok else (None, None)
-            if not (ok and all(hasattr(f, "shape") and len(f.shape) == 2 for f in factors)
-                    and down.shape[0] == up.shape[1] and down.shape[0] > 0):
-                shapes = [tuple(f.shape) for f in factors] if ok and all(hasattr(f, "shape") for f in factors) else factors
-                raise ValueError(
-                    f"LynxConfig.compensation_state[{name!r}]: expected (lora_down (r, K), lora_up (N, r)) "
-                    f"with r > 0, got {shapes!r}"
-                )
-
     def _check_sensitivity(self) -> None:
-        sensitivity = self.sensitivity
-        # A Compensation is a mapping of LoRA factors; its measured errors come from .sensitivity().
-        if callable(getattr(sensitivity, "sensitivity", None)):
-            self._check_calibrated_pattern("sensitivity", sensitivity)
-            sensitivity = sensitivity.sensitivity(self.compensation)
-        if sensitivity is not None:
-            if not isinstance(sensitivity, Mapping) or not all(
-                isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0
-                for k, v in sensitivity.items()
-            ):
-                raise ValueError(
-                    "LynxConfig.sensitivity: expected a mapping of module name -> relative error >= 0 "
-                    f"(e.g. a Compensation), got {type(sensitivity).__name__}"
-                )
-            object.__setattr__(self, "sensitivity", {k: float(v) for k, v in sensitivity.items()})
         for name, upper in (("max_layer_error", None), ("dense_flop_budget", 1.0)):
             value = getattr(self, name)
             if value is None:
@@ -172,15 +149,58 @@ class LynxConfig:
             if self.sensitivity is None:
                 raise ValueError(
                     f"LynxConfig.sensitivity: {name} needs measured per-layer errors; pass "
-                    "sensitivity=comp with comp = lynx_compile.calibrate(...)"
+                    "sensitivity=comp.sensitivity('lora'), or build the config with comp.config(...), "
+                    "for comp = lynx_compile.calibrate(...)"
                 )
+        sensitivity = self.sensitivity
+        if sensitivity is None:
+            return
+        expected = "LynxConfig.sensitivity: expected a mapping of module name -> relative error >= 0"
+        if not isinstance(sensitivity, Mapping):
+            raise ValueError(f"{expected}, got {type(sensitivity).__name__}")
+        for name, error in sensitivity.items():
+            if isinstance(error, (tuple, list)):
+                # A Compensation is a mapping of LoRA factor pairs, not of errors.
+                raise ValueError(f"{expected}, got one of LoRA factor pairs (a Compensation?); pass "
+                                 "sensitivity=comp.sensitivity('lora'), or build the whole config with comp.config(...)")
+            if not isinstance(name, str) or isinstance(error, bool) or not isinstance(error, Real) or not error >= 0:
+                shown = repr(error) if isinstance(error, Real) else type(error).__name__
+                raise ValueError(f"{expected}, got {name!r}: {shown}")
+        object.__setattr__(self, "sensitivity", {k: float(v) for k, v in sensitivity.items()})
+
+    def with_options(self, options: Mapping[str, Any] | None) -> LynxConfig:
+        """This config with ``torch.compile(..., options={...})`` (or ``backend(**options)``) applied
+        over its fields; an unknown key raises ValueError naming it and the closest field."""
+        options = dict(options or {})
+        known = [f.name for f in dataclasses.fields(self)]
+        for key in options:
+            if key not in known:
+                close = difflib.get_close_matches(str(key), known, n=1)
+                fix = f"did you mean {close[0]!r}?" if close else "it is not a LynxConfig field"
+                raise ValueError(f"lynx options: unknown key {key!r} ({fix}); accepted keys: {', '.join(sorted(known))}")
+        return dataclasses.replace(self, **options) if options else self
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any] | None) -> LynxConfig:
         """Build from ``torch.compile(..., options={...})``; unknown keys raise ValueError."""
-        options = dict(options or {})
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(options) - known)
-        if unknown:
-            raise ValueError(f"lynx options: unknown key(s) {unknown}; accepted keys are {sorted(known)}")
-        return cls(**options)
+        return cls().with_options(options)
+
+
+def check_lora_factors(name: str, factors: Any, weight_shape: tuple[int, int] | None = None) -> None:
+    """The one check of a layer's LoRA factors: a pair (lora_down (r, K), lora_up (N, r)) with
+    r > 0 and, where the layer's (N, K) weight is known (at compile time), its K and N."""
+    pair = isinstance(factors, (tuple, list)) and len(factors) == 2 and all(hasattr(f, "shape") for f in factors)
+    if not (pair and all(len(f.shape) == 2 for f in factors) and factors[0].shape[0] == factors[1].shape[1] > 0):
+        shapes = [tuple(f.shape) for f in factors] if pair else type(factors).__name__
+        raise ValueError(
+            f"LynxConfig.compensation_state[{name!r}]: expected (lora_down (r, K), lora_up (N, r)) with r > 0, got {shapes!r}"
+        )
+    if weight_shape is None:
+        return
+    (n_out, k), (down, up) = weight_shape, factors
+    if down.shape[1] != k or up.shape[0] != n_out:
+        raise ValueError(
+            f"lynx: LoRA factors of layer {name!r} do not fit its weight {tuple(weight_shape)}: lora_down "
+            f"{tuple(down.shape)} must be (r, {k}) and lora_up {tuple(up.shape)} ({n_out}, r); "
+            "was the compensation calibrated on another model?"
+        )

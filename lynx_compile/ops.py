@@ -14,6 +14,8 @@ Numerics shared by all implementations:
   token gets ``s = 0`` (finite). A token holding inf or NaN gets a non-finite ``s``, so its
   output row is non-finite, as a dense linear's would be: never silently finite.
 * Accumulation in fp32 for bf16/fp16 inputs (fp64 stays fp64); the output has the input's dtype.
+* A fused producer (``producer_sparse_linear``) is computed in the accumulation dtype and rounded
+  once to the input's dtype before the selection, as Inductor's generated kernel for it would.
 """
 
 from __future__ import annotations
@@ -21,8 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-NORM_EPS = 1e-12
-"""Default eps of the norm-compensation scale: keeps all-zero tokens at s = 0 instead of NaN."""
+from .config import NORM_EPS
 
 
 def _check_pattern(x: Tensor, n: int, m: int) -> None:
@@ -126,7 +127,8 @@ def check_linear(x: Tensor, weight: Tensor, bias: Tensor | None, n: int, m: int,
         torch._check(
             lora_down.dim() == 2 and lora_up.dim() == 2 and lora_down.shape[1] == weight.shape[1]
             and lora_up.shape[0] == weight.shape[0] and lora_down.shape[0] == lora_up.shape[1],
-            lambda: f"lynx: LoRA factors {tuple(lora_down.shape)} / {tuple(lora_up.shape)} do not fit weight {tuple(weight.shape)}",
+            lambda: f"lynx: LoRA factors {tuple(lora_down.shape)} / {tuple(lora_up.shape)} "
+            f"do not fit weight {tuple(weight.shape)}",
         )
 
 
@@ -175,7 +177,6 @@ torch.library.define(
 )
 
 
-@torch.library.impl("lynx::sparse_linear", "CompositeExplicitAutograd")
 def sparse_linear(
     x: Tensor,
     weight: Tensor,
@@ -194,6 +195,11 @@ def sparse_linear(
     """
     check_linear(x, weight, bias, n, m, lora_down, lora_up)
     return sparse_linear_reference(x, weight, bias, n, m, norm_compensation, eps, lora_down, lora_up)
+
+
+# Each op's reference is registered by a plain call: the decorator form returns None, and the CUDA kernels' fallbacks
+# call the reference functions themselves.
+torch.library.impl("lynx::sparse_linear", "CompositeExplicitAutograd")(sparse_linear)
 
 
 @torch.library.register_fake("lynx::sparse_linear")
@@ -225,7 +231,6 @@ torch.library.define(
 )
 
 
-@torch.library.impl("lynx::sparse_linear_lora", "CompositeExplicitAutograd")
 def sparse_linear_lora(x: Tensor, weight_lora: Tensor, bias: Tensor | None, n: int, m: int,
                        norm_compensation: bool, eps: float, lora_down: Tensor) -> Tensor:
     """:func:`sparse_linear` with its LoRA folded: ``weight_lora`` and ``lora_down`` come from
@@ -235,7 +240,78 @@ def sparse_linear_lora(x: Tensor, weight_lora: Tensor, bias: Tensor | None, n: i
     return sparse_linear_reference(x, weight, bias, n, m, norm_compensation, eps, lora_down, lora_up)
 
 
+torch.library.impl("lynx::sparse_linear_lora", "CompositeExplicitAutograd")(sparse_linear_lora)
+
+
 @torch.library.register_fake("lynx::sparse_linear_lora")
 def _(x, weight_lora, bias, n, m, norm_compensation, eps, lora_down):
     check_linear_lora(x, weight_lora, bias, n, m, lora_down)
     return x.new_empty((*x.shape[:-1], weight_lora.shape[0]))
+
+
+PRODUCERS = ("layer_norm", "gelu", "gelu_tanh", "silu")
+"""Producers ``producer_sparse_linear`` runs on its input first: the kernel that would otherwise write it."""
+
+
+def check_producer(x: Tensor, producer: str, mul: Tensor | None, add: Tensor | None) -> None:
+    torch._check(producer in PRODUCERS, lambda: f"lynx: producer must be one of {PRODUCERS}, got {producer!r}")
+    rows = [t for t in (mul, add) if t is not None]
+    torch._check(not rows or producer == "layer_norm", lambda: f"lynx: mul/add go with producer 'layer_norm', not {producer!r}")
+    for t in rows:
+        torch._check(t.dim() == 2 and t.shape[1] == x.shape[-1] and t.dtype == torch.float32,
+                     lambda t=t: f"lynx: producer rows must be float32 (samples, {x.shape[-1]}), got {tuple(t.shape)} {t.dtype}")
+    if len(rows) == 2:
+        torch._check(mul.shape[0] == add.shape[0], lambda: f"lynx: mul has {mul.shape[0]} rows but add {add.shape[0]}")
+    if rows:
+        torch._check(x.numel() // max(x.shape[-1], 1) % rows[0].shape[0] == 0,
+                     lambda: f"lynx: {x.numel() // max(x.shape[-1], 1)} tokens do not split into {rows[0].shape[0]} samples")
+
+
+def produce_reference(x: Tensor, producer: str, mul: Tensor | None, add: Tensor | None, producer_eps: float) -> Tensor:
+    """The producer's output, computed in the accumulation dtype and rounded once to ``x``'s dtype (as a fused kernel,
+    or Inductor's generated code, does)."""
+    acc = x.to(accumulation_dtype(x.dtype))
+    if producer == "layer_norm":
+        y = torch.nn.functional.layer_norm(acc, (x.shape[-1],), eps=producer_eps)
+        samples = next((t.shape[0] for t in (mul, add) if t is not None), 1)
+        y = y.reshape(samples, -1, x.shape[-1])
+        if mul is not None:
+            y = y * mul.to(acc.dtype).unsqueeze(1)
+        if add is not None:
+            y = y + add.to(acc.dtype).unsqueeze(1)
+        y = y.reshape(x.shape)
+    elif producer == "silu":
+        y = torch.nn.functional.silu(acc)
+    else:
+        y = torch.nn.functional.gelu(acc, approximate="tanh" if producer == "gelu_tanh" else "none")
+    return y.to(x.dtype)
+
+
+torch.library.define(
+    "lynx::producer_sparse_linear",
+    "(Tensor x, str producer, Tensor? mul, Tensor? add, float producer_eps, Tensor weight, Tensor? bias, int n, int m, "
+    "bool norm_compensation, float eps) -> Tensor",
+)
+
+
+def producer_sparse_linear(x: Tensor, producer: str, mul: Tensor | None, add: Tensor | None, producer_eps: float,
+                           weight: Tensor, bias: Tensor | None, n: int, m: int, norm_compensation: bool,
+                           eps: float) -> Tensor:
+    """:func:`sparse_linear` of ``producer(x)``: ``layer_norm`` (``LN(x) * mul[s] + add[s]``, without LN's own affine,
+    ``mul``/``add`` fp32 (S, K) rows per sample s of the S equal runs of tokens, None for 1 and 0), ``gelu``,
+    ``gelu_tanh`` or ``silu``. The sparse layers' graph pass writes it where the producer's output feeds only lynx
+    layers, so that the kernel reading ``x`` writes the sparse GEMM's operand and the output is never stored."""
+    check_producer(x, producer, mul, add)
+    check_linear(x, weight, bias, n, m, None, None)
+    y = produce_reference(x, producer, mul, add, producer_eps)
+    return sparse_linear_reference(y, weight, bias, n, m, norm_compensation, eps, None, None)
+
+
+torch.library.impl("lynx::producer_sparse_linear", "CompositeExplicitAutograd")(producer_sparse_linear)
+
+
+@torch.library.register_fake("lynx::producer_sparse_linear")
+def _(x, producer, mul, add, producer_eps, weight, bias, n, m, norm_compensation, eps):
+    check_producer(x, producer, mul, add)
+    check_linear(x, weight, bias, n, m, None, None)
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))

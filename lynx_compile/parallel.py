@@ -102,7 +102,8 @@ def context_parallel(model: torch.nn.Module, degree: int | None = None, mode: st
         raise ValueError(f"context_parallel: degree {degree} does not divide the world size {dist.get_world_size()}")
     heads = getattr(target.config, "num_attention_heads", None)
     if mode == "ulysses" and heads is not None and heads % degree:
-        raise ValueError(f"context_parallel: Ulysses spreads attention heads over ranks; {heads} heads do not split {degree} ways")
+        raise ValueError(f"context_parallel: Ulysses spreads attention heads over ranks; "
+                         f"{heads} heads do not split {degree} ways")
     from diffusers import ContextParallelConfig
     from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
 

@@ -8,6 +8,8 @@ from typing import Any
 
 from tabulate import tabulate
 
+from .types import CompensationMode, Decision, Role
+
 
 @dataclass
 class LayerDecision:
@@ -19,19 +21,21 @@ class LayerDecision:
     out_features: int
     tokens: int | str | None
     """Rows the layer multiplies (M) in the traced example; a string when it is symbolic."""
-    role: str
+    role: Role
     """Structural role (``attn_qkv``, ``mlp_up``, ``conditioning``...); see passes/roles.py."""
-    decision: str
-    """``sparse`` or ``dense``."""
+    decision: Decision
     reason: str
     """Why it stays dense, or which sparse path runs it."""
     pattern: str | None = None
-    compensation: str | None = None
+    compensation: CompensationMode | None = None
     graph: int = 0
     """Index of the compiled graph (more than one only when Dynamo broke the graph)."""
     error: float | None = None
     """Measured relative error of this layer when sparsified, from ``LynxConfig.sensitivity``
     (the whole model's or the layer's own, see there); None when not measured."""
+    producer: str | None = None
+    """For a sparse layer: the kernel producing its input that runs inside its sparsify step
+    (``fused layer_norm``...), or why none does (``not fused: ...``)."""
 
     @property
     def flops(self) -> int | None:
@@ -53,11 +57,11 @@ class Report:
 
     @property
     def sparse(self) -> list[LayerDecision]:
-        return [layer for layer in self.layers if layer.decision == "sparse"]
+        return [layer for layer in self.layers if layer.decision == Decision.SPARSE]
 
     @property
     def dense(self) -> list[LayerDecision]:
-        return [layer for layer in self.layers if layer.decision == "dense"]
+        return [layer for layer in self.layers if layer.decision == Decision.DENSE]
 
     def sparse_flop_share(self) -> float | None:
         """Share of linear-layer FLOPs in the example that run on the sparse path."""
@@ -65,7 +69,7 @@ class Report:
         if not flops or any(f is None for f, _ in flops):
             return None
         total = sum(f for f, _ in flops)
-        return sum(f for f, d in flops if d == "sparse") / total if total else 0.0
+        return sum(f for f, d in flops if d == Decision.SPARSE) / total if total else 0.0
 
     def table(self, tablefmt: str = "simple", detailed: bool = False) -> str:
         """The per-layer table. ``detailed`` (lynx-dump) adds compensation, measured error and
@@ -77,10 +81,11 @@ class Report:
             return "-" if layer.error is None else f"{layer.error:.3f}"
 
         if detailed:
-            headers = ("layer", "M x K -> N", "role", "decision", "reason", "compensation", "error", "sparse GFLOP")
+            headers = ("layer", "M x K -> N", "role", "decision", "reason", "producer", "compensation", "error",
+                       "sparse GFLOP")
             rows = [
-                (*_shape(layer), layer.decision, layer.reason, layer.compensation or "-", error(layer),
-                 f"{(layer.flops or 0) / 1e9 if layer.decision == 'sparse' else 0.0:.3f}")
+                (*_shape(layer), layer.decision, layer.reason, layer.producer or "-", layer.compensation or "-", error(layer),
+                 f"{(layer.flops or 0) / 1e9 if layer.decision == Decision.SPARSE else 0.0:.3f}")
                 for layer in self.layers
             ]
         else:

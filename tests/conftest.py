@@ -2,8 +2,10 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
-from lynx_compile.calibrate import relative_error  # noqa: F401  (the tests' one error measure)
+from lynx_compile.metrics import relative_error  # noqa: F401  (the tests' one error measure)
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
@@ -17,8 +19,8 @@ def sparse_kernels_or_skip():
 
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("needs an sm_90 GPU")
-    if not kernels.available():
-        pytest.skip(f"CUDA kernels unavailable: {kernels._lib_error}")
+    if not kernels.load():
+        pytest.skip(f"CUDA kernels unavailable: {kernels.load_error()}")
     return kernels
 
 
@@ -42,4 +44,49 @@ def masked_reference(x: torch.Tensor, n: int, m: int, norm: bool, eps: float = 1
     x32, k32 = x.double(), kept.double()
     scale = (x32.pow(2).sum(-1, keepdim=True) / (k32.pow(2).sum(-1, keepdim=True) + eps)).sqrt()
     return (k32 * scale).to(x.dtype)
+
+
+D = 256
+"""Width of the hand-written test blocks: the smallest that ``LynxConfig.min_features`` lets run sparse."""
+
+
+class Block(nn.Module):
+    """One DiT-style block with every role the selector knows (the passes' tests)."""
+
+    def __init__(self, d=D, heads=4, attention=F.scaled_dot_product_attention):
+        super().__init__()
+        self.heads, self.attention = heads, attention
+        self.t_in = nn.Linear(64, d)
+        self.adaLN = nn.Linear(d, 2 * d)
+        self.embed = nn.Linear(32, d)
+        self.norm = nn.LayerNorm(d)
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+        self.fc1 = nn.Linear(d, 4 * d)
+        self.fc2 = nn.Linear(4 * d, d)
+        self.head = nn.Linear(d, 8)
+
+    def forward(self, tokens, t):
+        c = self.t_in(t)
+        shift, scale = self.adaLN(F.silu(c)).chunk(2, dim=-1)
+        x = self.embed(tokens)
+        h = self.norm(x) * (1 + scale[:, None]) + shift[:, None]
+        b, n, d = h.shape
+        q, k, v = self.qkv(h).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        a = self.attention(q, k, v).transpose(1, 2).reshape(b, n, d)
+        x = x + self.proj(a)
+        x = x + self.fc2(F.gelu(self.fc1(self.norm(x)), approximate="tanh"))
+        return self.head(self.norm(x))
+
+
+def block_inputs(batch=2, tokens=6):
+    """(tokens (batch, tokens, 32), timestep features (batch, 64)) for ``Block``."""
+    torch.manual_seed(0)
+    return torch.randn(batch, tokens, 32), torch.randn(batch, 64)
+
+
+@pytest.fixture(scope="module")
+def block():
+    torch.manual_seed(0)
+    return Block().eval()
 

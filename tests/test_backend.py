@@ -12,9 +12,10 @@ from lynx_compile import LynxConfig
 from lynx_compile.models import build, example_inputs
 
 
-def reference_forward(model, inputs, sparse_names, config=LynxConfig(), compiler=None, **kwargs):
+def reference_forward(model, inputs, sparse_names, config=None, compiler=None, **kwargs):
     """``model`` with every named linear's input masked N:M per token and norm-compensated by
     hooks (``masked_reference``: no lynx code), run eagerly or compiled by ``compiler``."""
+    config = config or LynxConfig()
 
     def mask_input(module, args):
         return (masked_reference(args[0], config.n, config.m, config.norm_compensation),)
@@ -100,12 +101,35 @@ def test_options_map_onto_the_config(dit, pattern):
 
 def test_bad_options_fail_with_the_key_named(dit):
     torch._dynamo.reset()
-    with pytest.raises(Exception, match="patern"):
+    with pytest.raises(Exception, match="patern") as err:
         with torch.no_grad():
             torch.compile(dit, backend="lynx", options={"patern": "2:4"})(*example_inputs(dit, batch=1))
+    # torch.compile hands options to a backend only when it compiles the first graph, and Dynamo
+    # wraps what the backend raises under a one-line header; lynx's own line follows it, key and fix first.
+    header, line = str(err.value).splitlines()[:2]
+    assert header == "backend='lynx' raised:"
+    assert line.startswith("ValueError: lynx options: unknown key 'patern' (did you mean 'pattern'?)")
     with pytest.raises(ValueError, match="LynxConfig.pattern"):
         lynx_compile.backend(pattern="5:4")
+    with pytest.raises(ValueError, match="^lynx options: unknown key 'patern'"):
+        lynx_compile.backend(patern="2:4")
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("inductor", [True, False])
+def test_a_backward_through_lynx_says_it_is_inference_only(inductor):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.LayerNorm(256), torch.nn.Linear(256, 1024), torch.nn.GELU(), torch.nn.Linear(1024, 256),
+                                torch.nn.LayerNorm(256))
+    backend = lynx_compile.LynxBackend(inductor=inductor)
+    compiled = torch.compile(model, backend=backend)
+    out = compiled(torch.randn(2, 8, 256))  # grad mode on, as a training loop would run it
+    assert backend.report.sparse
+    with pytest.raises(RuntimeError, match=r"^lynx: inference only; the lynx ops have no backward \(run under torch.no_grad"):
+        out.sum().backward()
+    out.add_(1)  # the outputs stay ordinary tensors
+    with torch.no_grad():
+        assert not compiled(torch.randn(2, 8, 256)).requires_grad
 
 
 def test_backend_is_found_without_importing_lynx_compile():
@@ -136,7 +160,8 @@ def test_graph_breaks_still_compile_and_are_reported():
     assert report.graphs == 2 and report.graph_breaks
     assert report.layers[0].decision == "sparse"
     # Roles are read from one graph: behind a break the layer's upstream is a graph input.
-    assert (report.layers[1].role, report.layers[1].decision) == ("embedder", "dense")
+    assert (report.layers[1].role, report.layers[1].decision) == ("graph_break", "dense")
+    assert report.layers[1].reason == "input comes from a graph break"
 
 
 def test_dump_dir_writes_each_pass(tmp_path, monkeypatch, dit):

@@ -1,15 +1,12 @@
 """Calibration on CPU: LoRA factors, their folding into the compiled graph, sensitivity-driven selection."""
 
-import sys
-
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import masked_reference, relative_error
 
 import lynx_compile
-from lynx_compile import Compensation, LynxConfig
-from lynx_compile.calibrate import _Reservoir
+from lynx_compile import LynxConfig
 from lynx_compile.models import build, example_inputs
 
 SELECTION = {"min_features": 64}
@@ -18,8 +15,8 @@ SELECTION = {"min_features": 64}
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    """The fits' LAPACK calls (eigh, svd) on a busy 2-core machine run 10-100x slower with 2
-    threads than with 1 (threads spin-waiting on each other): this module uses one."""
+    """On a busy 2-core machine two torch threads spin-wait on each other and this module's
+    forwards run several times slower than on one (the fits' eigensolvers already use one)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -155,21 +152,6 @@ def test_inductor_compiled_lora_model_matches_the_eager_reference(dit, comp):
     assert relative_error(without_lora, expected) > 10 * relative_error(out, expected)
 
 
-@pytest.mark.parametrize("safetensors", [True, False])
-def test_save_load_round_trips(comp, tmp_path, monkeypatch, safetensors):
-    if not safetensors:
-        monkeypatch.setitem(sys.modules, "safetensors.torch", None)  # import fails: torch.save fallback
-    path = tmp_path / "comp.lynx"
-    comp.save(path)
-    loaded = Compensation.load(path)
-    assert (path.read_bytes()[:4] == b"PK\x03\x04") is not safetensors
-    assert list(loaded) == list(comp) and loaded.selection == comp.selection
-    for name, layer in comp.layers.items():
-        assert loaded.layers[name].metadata() == layer.metadata()
-        torch.testing.assert_close(loaded[name], comp[name], rtol=0, atol=0)
-    assert loaded.config(max_layer_error=0.5).sensitivity == comp.sensitivity("lora")
-
-
 def test_bad_inputs_raise_clear_errors(dit, comp):
     with pytest.raises(ValueError, match="batches is empty"):
         lynx_compile.calibrate(dit, [], progress=False)
@@ -179,12 +161,12 @@ def test_bad_inputs_raise_clear_errors(dit, comp):
         lynx_compile.calibrate(dit, [example_inputs(dit)], progress=False)
     with pytest.raises(ValueError, match=r"LynxConfig.compensation_state\['a'\]"):
         LynxConfig(compensation="lora", compensation_state={"a": (torch.zeros(4, 8), torch.zeros(8, 3))})
-    with pytest.raises(ValueError, match="LynxConfig.compensation_state: calibrated for pattern 2:4"):
+    with pytest.raises(ValueError, match="calibrated for pattern 2:4, but pattern is 1:4"):
         comp.config(pattern="1:4")
     with pytest.raises(ValueError, match="LynxConfig.sensitivity"):
         LynxConfig(max_layer_error=0.2)
     with pytest.raises(ValueError, match="LynxConfig.dense_flop_budget"):
-        LynxConfig(sensitivity=comp, dense_flop_budget=1.5)
+        LynxConfig(sensitivity=comp.sensitivity(), dense_flop_budget=1.5)
 
 
 def test_factors_of_another_model_are_refused_naming_the_layer(comp):
@@ -239,8 +221,7 @@ def test_whole_model_error_is_the_model_with_that_layer_alone_sparse(dit, comp, 
     measured = comp.model_sensitivity(compensation)
     assert set(measured) == set(comp)
     for name in ("blocks.0.mlp.fc1", "blocks.1.attn.qkv"):
-        config = LynxConfig(**SELECTION, include=f"^{name}$", compensation=compensation,
-                            compensation_state=comp if compensation == "lora" else None)
+        config = comp.config(include=f"^{name}$", compensation=compensation)
         torch._dynamo.reset()
         alone = torch.compile(dit, backend=LynxBackend(config, inductor=False))
         with torch.no_grad():
@@ -256,7 +237,7 @@ def test_whole_model_sensitivity_drives_the_budget(dit, comp):
     for config in (comp.config(sensitivity=measured, dense_flop_budget=0.2), comp.config(dense_flop_budget=0.2)):
         report = lynx_compile.explain(dit, *example_inputs(dit), config=config)
         assert {layer.name for layer in report.dense if layer.reason.startswith("sensitivity")} == {worst}
-    assert LynxConfig(**SELECTION, sensitivity=comp).sensitivity == comp.model_sensitivity("norm")
+    assert comp.config(compensation="norm").sensitivity == comp.model_sensitivity("norm")
     assert comp.sensitivity("lora") == measured and comp.layer_sensitivity != measured
     assert "model error" in comp.table().splitlines()[0]
     without = lynx_compile.calibrate(dit, [example_inputs(dit)], LynxConfig(**SELECTION), rank=4, model_batches=0, progress=False)
@@ -265,29 +246,3 @@ def test_whole_model_sensitivity_drives_the_budget(dit, comp):
     assert without.sensitivity("lora") == without.layer_sensitivity  # the fallback ranking
     with pytest.raises(ValueError, match="model_batches must be an int >= 0"):
         lynx_compile.calibrate(dit, [example_inputs(dit)], model_batches=-1, progress=False)
-
-
-def test_reservoir_is_bounded_and_samples_all_rows_uniformly():
-    reservoir = _Reservoir(200, torch.Generator().manual_seed(0))
-    for start in range(0, 4000, 100):
-        reservoir.add(torch.arange(start, start + 100, dtype=torch.float32).unsqueeze(1).expand(100, 4))
-    rows = reservoir.sample()
-    assert rows.shape == (200, 4) and reservoir.seen == 4000
-    assert rows[:, 0].unique().numel() == 200
-    assert 1500 < rows[:, 0].mean().item() < 2500  # uniform over 0..3999, not the first rows
-
-
-def test_closed_form_recovers_a_low_rank_linear_residual_and_adam_does_not_undo_it():
-    calibrate_module = sys.modules["lynx_compile.calibrate"]
-    torch.manual_seed(0)
-    x = torch.randn(512, 48)
-    truth = torch.randn(48, 4) @ torch.randn(4, 40)  # rank 4
-    residual = x @ truth
-    down, up = calibrate_module.fit_lora(x, residual, 4, ridge=1e-9)
-    assert down.shape == (4, 48) and up.shape == (40, 4)
-    assert relative_error(x @ down.t() @ up.t(), residual) < 1e-5
-    noisy = residual + 0.3 * torch.randn_like(residual)
-    down, up = calibrate_module.fit_lora(x, noisy, 4, ridge=1e-9)
-    loss = ((x @ down.t() @ up.t() - noisy) ** 2).mean()
-    refined = calibrate_module._refine(x, noisy, down, up, steps=20, lr=1e-3)
-    assert ((x @ refined[0].t() @ refined[1].t() - noisy) ** 2).mean() >= loss * (1 - 1e-4)  # already optimal

@@ -1,6 +1,10 @@
-import pytest
+import dataclasses
 
-from lynx_compile import LynxConfig
+import pytest
+import torch
+
+from lynx_compile import CompensationMode, LynxConfig, Role, ops
+from lynx_compile.config import NORM_EPS, check_lora_factors
 
 
 def test_defaults_follow_the_paper():
@@ -45,7 +49,7 @@ def test_options_map_onto_fields_and_unknown_keys_fail():
 
 
 def test_config_is_frozen():
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         LynxConfig().pattern = "1:4"
 
 
@@ -53,3 +57,43 @@ def test_speed_guard_is_a_bool():
     assert LynxConfig().speed_guard is True
     with pytest.raises(ValueError, match="LynxConfig.speed_guard"):
         LynxConfig(speed_guard="yes")
+
+
+def test_options_apply_over_a_config_in_one_place():
+    base = LynxConfig(min_features=0)
+    assert base.with_options({"pattern": "4:8"}) == LynxConfig(pattern="4:8", min_features=0)
+    assert base.with_options(None) is base
+    with pytest.raises(ValueError) as err:
+        base.with_options({"patern": "2:4"})
+    # The first line leads with the key and the fix.
+    assert str(err.value).splitlines()[0].startswith("lynx options: unknown key 'patern' (did you mean 'pattern'?)")
+
+
+def test_names_become_their_enums():
+    config = LynxConfig(compensation="none", sparse_roles={"attn_out", Role.MLP_UP})
+    assert config.compensation is CompensationMode.NONE
+    assert config.sparse_roles == {Role.ATTN_OUT, Role.MLP_UP} and all(isinstance(r, Role) for r in config.sparse_roles)
+    assert not config.norm_compensation
+
+
+def test_norm_eps_is_one_constant():
+    assert LynxConfig().eps == ops.NORM_EPS == NORM_EPS
+
+
+def test_a_compensation_passed_as_sensitivity_says_what_to_pass():
+    factors = {"blocks.0.attn.qkv": (torch.zeros(4, 8), torch.zeros(24, 4))}  # what a Compensation maps names to
+    with pytest.raises(ValueError, match=r"^LynxConfig.sensitivity: .*pass sensitivity=comp.sensitivity\('lora'\)"):
+        LynxConfig(sensitivity=factors)
+    with pytest.raises(ValueError, match=r"LynxConfig.sensitivity: .*got 'a': -0.5"):
+        LynxConfig(sensitivity={"a": -0.5})
+    assert LynxConfig(sensitivity={"a": 1}, max_layer_error=0.5).sensitivity == {"a": 1.0}
+
+
+def test_lora_factors_are_checked_as_a_pair_and_against_the_layer():
+    down, up = torch.zeros(4, 8), torch.zeros(16, 4)
+    LynxConfig(compensation="lora", compensation_state={"a": (down, up)})
+    with pytest.raises(ValueError, match=r"LynxConfig.compensation_state\['a'\]: .* got \[\(4, 8\), \(16, 3\)\]"):
+        LynxConfig(compensation="lora", compensation_state={"a": (down, torch.zeros(16, 3))})
+    check_lora_factors("a", (down, up), (16, 8))
+    with pytest.raises(ValueError, match=r"LoRA factors of layer 'a' do not fit its weight \(16, 12\)"):
+        check_lora_factors("a", (down, up), (16, 12))

@@ -5,6 +5,10 @@ Skipped cleanly where there is no CUDA device, no sm_90 GPU, or the kernel libra
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from conftest import relative_error, sparse_kernels_or_skip
@@ -54,7 +58,8 @@ def reference64(x, w, bias, norm, lora_down=None, lora_up=None):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("M,Kf", [(1, 64), (5, 128), (63, 192), (64, 1152), (200, 1024), (1000, 3072), (70, 4608), (9, 15360), (3, 20480)])
+@pytest.mark.parametrize("M,Kf", [(1, 64), (5, 128), (63, 192), (64, 1152), (200, 1024), (1000, 3072), (70, 4608), (9, 15360),
+                                  (3, 20480)])
 def test_compress_matches_reference_selection(K, dtype, M, Kf):
     x = torch.randn(M, Kf, device="cuda").to(dtype)
     # ties and signed zeros in some rows
@@ -314,6 +319,39 @@ def test_fuzz_selection_and_output_against_the_reference(K):
 
 def test_the_cpp_kernels_serve_the_ops(K):
     assert K.torch_ops_error is None, K.torch_ops_error
+    assert K.load() is True and K.load_error() is None  # load() is idempotent
+    assert K.unsupported_reason(torch.device("cuda"), torch.bfloat16, 1152, 3456, 2, 4) is None
+
+
+def test_metadata_bytes(K):
+    assert K.metadata_bytes(1, 64) == 64 * 128 // 8
+    assert K.metadata_bytes(4096, 1152) == 4096 * 1152 // 8
+
+
+def test_the_library_plans_tuned_shapes_from_the_table(K):
+    if "LYNX_GEMM_CONFIG" in os.environ:
+        pytest.skip("LYNX_GEMM_CONFIG forces every plan")
+    configs = K.gemm_configs()
+    assert K.choose_config(torch.bfloat16, 4096, 3456, 1152) == (configs["bf16_128x128_c1x2_pp"], 1, 1)
+    assert K.choose_config(torch.float16, 4096, 4096, 3072) == (configs["fp16_256x128_c2x1_coop"], 4, 2)
+
+
+def test_lynx_gemm_config_forces_the_ops_plan(K):
+    """The override is read by the library, so the C++ op kernels follow it too (one process per setting)."""
+    code = ("import torch, lynx_compile.kernels as k; assert k.load(), k.load_error(); "
+            "x = torch.randn(256, 1152, device='cuda', dtype=torch.bfloat16); "
+            "w = torch.randn(640, 1152, device='cuda', dtype=torch.bfloat16); "
+            "torch.ops.lynx.sparse_linear(x, w, None, 2, 4, True); "
+            "c = k.choose_config(torch.bfloat16, 256, 640, 1152); "
+            "print({v: n for n, v in k.gemm_configs().items()}[c[0]], c[1], c[2])")
+    env = {**os.environ, "LYNX_GEMM_CONFIG": "256x128_c1x2_coop:2:1"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["bf16_256x128_c1x2_coop", "2", "1"]
+    env["LYNX_GEMM_CONFIG"] = "no_such_config"
+    code = "import lynx_compile.kernels as k; print(k.load(), k.load_error())"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and out.stdout.startswith("False") and "LYNX_GEMM_CONFIG is not <config>" in out.stdout
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -351,3 +389,86 @@ def test_bad_arguments_raise_the_ops_errors_on_gpu(K):
                                       torch.randn(64, 32, device="cuda", dtype=torch.bfloat16))
     with pytest.raises(RuntimeError, match="must be \\(out, in \\+ 2r\\)"):
         torch.ops.lynx.sparse_linear_lora(x, weight_lora[:, :300], None, 2, 4, True, ops.NORM_EPS, down)
+
+
+# ---- producers fused into the sparsify step (lynx::producer_sparse_linear) ----------------------------------------
+
+PRODUCER_CASES = [  # (producer, mul rows, add rows, samples)
+    ("layer_norm", True, True, 2),
+    ("layer_norm", True, False, 1),
+    ("layer_norm", False, True, 3),
+    ("layer_norm", False, False, 1),
+    ("gelu", False, False, 1),
+    ("gelu_tanh", False, False, 1),
+    ("silu", False, False, 1),
+]
+PRODUCER_SHAPES = [((6, 77), 1152, 264), ((6, 40), 3072, 512), ((6, 43), 4608, 128), ((6, 3), 15360, 64)]
+
+
+def _producer_inputs(producer, with_mul, with_add, samples, lead, Kf, N, dtype):
+    torch.manual_seed(hash((producer, lead, Kf)) % 1000)
+    x = (2 * torch.randn(*lead, Kf, device="cuda") + 0.5).to(dtype)  # an offset mean: layer norm must remove it
+    mul = 1 + 0.3 * torch.randn(samples, Kf, device="cuda") if with_mul else None
+    add = 0.2 * torch.randn(samples, Kf, device="cuda") if with_add else None
+    w = (torch.randn(N, Kf, device="cuda") / Kf ** 0.5).to(dtype)
+    b = torch.randn(N, device="cuda").to(dtype)
+    return x, mul, add, w, b
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("producer,with_mul,with_add,samples", PRODUCER_CASES)
+@pytest.mark.parametrize("lead,Kf,N", PRODUCER_SHAPES)
+def test_producer_sparse_linear_matches_reference(K, dtype, producer, with_mul, with_add, samples, lead, Kf, N):
+    x, mul, add, w, b = _producer_inputs(producer, with_mul, with_add, samples, lead, Kf, N, dtype)
+    M = x.numel() // Kf
+    out = _poisoned_call(lambda: torch.ops.lynx.producer_sparse_linear(x, producer, mul, add, 1e-6, w, b, 2, 4, True,
+                                                                       ops.NORM_EPS), (M, N), dtype)
+    assert out.shape == (*lead, N) and torch.isfinite(out).all()
+    y = ops.produce_reference(x, producer, mul, add, 1e-6)
+    assert relative_error(out, reference64(y.reshape(-1, Kf), w, b, True).view(*lead, N)) < REL_TOL[dtype]
+
+
+@pytest.mark.parametrize("producer,with_mul,with_add,samples", PRODUCER_CASES)
+def test_producer_runs_before_the_selection(K, producer, with_mul, with_add, samples):
+    """The kernel selects on the producer's output, rounded once as the reference rounds it: the compressed values
+    and metadata decode to the reference's kept entries, but for the rare entry whose fp32 statistics round the
+    other way."""
+    dtype, Kf = torch.bfloat16, 1152
+    x, mul, add, _, _ = _producer_inputs(producer, with_mul, with_add, samples, (6, 50), Kf, 8, dtype)
+    x2 = x.reshape(-1, Kf)
+    values, meta, scale = K.compress_2to4(x2, True, producer=K.launch.producer(producer, mul, add, 1e-6))
+    kept, ref_scale = ops.sparsify_reference(ops.produce_reference(x2, producer, mul, add, 1e-6), 2, 4, True, ops.NORM_EPS)
+    differ = decode(values, meta, x2.shape[0], Kf) != kept
+    assert differ.float().mean().item() < 2e-3
+    torch.testing.assert_close(scale, ref_scale.squeeze(-1).float(), rtol=1e-2, atol=1e-3)
+
+
+def test_producer_cpp_and_python_kernels_agree_bitwise(K):
+    x, mul, add, w, b = _producer_inputs("layer_norm", True, True, 2, (2, 150), 1152, 640, torch.bfloat16)
+    args = (x, "layer_norm", mul, add, 1e-6, w, b, 2, 4, True, ops.NORM_EPS)
+    assert torch.equal(torch.ops.lynx.producer_sparse_linear(*args), K.registry.producer_sparse_linear_cuda(*args))
+
+
+def test_producer_cases_the_kernel_does_not_take_run_the_reference(K):
+    x, mul, add, w, b = _producer_inputs("layer_norm", True, True, 2, (2, 5), 16448, 64, torch.bfloat16)
+    with pytest.warns(UserWarning, match="layer norm over 16448"):
+        out = torch.ops.lynx.producer_sparse_linear(x, "layer_norm", mul, add, 1e-6, w, b, 2, 4, True, ops.NORM_EPS)
+    assert torch.equal(out, ops.producer_sparse_linear(x, "layer_norm", mul, add, 1e-6, w, b, 2, 4, True, ops.NORM_EPS))
+    with pytest.raises(RuntimeError, match="do not split into 4 samples"):
+        torch.ops.lynx.producer_sparse_linear(x[..., :1152].contiguous(), "layer_norm", mul[:1, :1152].repeat(4, 1), None,
+                                              1e-6, w[:, :1152].contiguous(), b, 2, 4, True, ops.NORM_EPS)
+
+
+def test_producer_cuda_graph_capture_and_opcheck(K):
+    x, mul, add, w, b = _producer_inputs("layer_norm", True, True, 4, (4, 100), 1152, 3456, torch.bfloat16)
+    args = (x, "layer_norm", mul, add, 1e-6, w, b, 2, 4, True, ops.NORM_EPS)
+    torch.ops.lynx.producer_sparse_linear(*args)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = torch.ops.lynx.producer_sparse_linear(*args)
+    x.copy_(torch.randn_like(x))
+    g.replay()
+    torch.cuda.synchronize()
+    y = ops.produce_reference(x, "layer_norm", mul, add, 1e-6)
+    assert relative_error(out, reference64(y.reshape(-1, 1152), w, b, True).view(4, 100, 3456)) < 1e-2
+    torch.library.opcheck(torch.ops.lynx.producer_sparse_linear.default, args)

@@ -19,7 +19,8 @@ def activations(draw):
     dtype = draw(DTYPES)
     rows = draw(st.integers(0, 5))
     groups = draw(st.integers(1, 6))
-    values = draw(st.lists(st.one_of(st.sampled_from(SPECIAL), st.floats(-1e4, 1e4, width=32)), min_size=rows * groups * m, max_size=rows * groups * m))
+    size = rows * groups * m
+    values = draw(st.lists(st.one_of(st.sampled_from(SPECIAL), st.floats(-1e4, 1e4, width=32)), min_size=size, max_size=size))
     x = torch.tensor(values, dtype=torch.float64).reshape(rows, groups * m).to(dtype)
     return x, n, m
 
@@ -30,7 +31,8 @@ def expected_keep(x: torch.Tensor, n: int, m: int) -> torch.Tensor:
     for r in range(x.shape[0]):
         for g in range(x.shape[1] // m):
             entries = [abs(float(x[r, g * m + i])) for i in range(m)]
-            order = sorted(range(m), key=lambda i: (not math.isnan(entries[i]), -entries[i] if not math.isnan(entries[i]) else 0, i))
+            nan = [math.isnan(e) for e in entries]
+            order = sorted(range(m), key=lambda i: (not nan[i], 0 if nan[i] else -entries[i], i))
             for i in order[:n]:
                 keep[r, g * m + i] = True
     return keep

@@ -31,7 +31,6 @@ recompiles once. ``torch.fx.experimental._config.use_duck_shape = False`` avoids
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn

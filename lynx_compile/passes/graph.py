@@ -9,6 +9,7 @@ tensor. ``op_name`` folds all those spellings (``F.linear``, ``torch._C._nn.line
 from __future__ import annotations
 
 import re
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -81,6 +82,43 @@ def submodule_names_hint(names: list[str], keys: Any) -> str:
             "per-layer settings of the whole model cannot apply; compile the whole model (torch.compile(model, ...)).")
 
 
+@dataclass(frozen=True)
+class GraphBreaks:
+    """Where a graph Dynamo hands the backend borders on a graph break, so that what lies across
+    it (the normalisation before a layer, the model output after it) is not in the graph."""
+
+    inputs: bool = False
+    """Its inputs come from a graph break: code Dynamo rewrote around a break called this frame
+    (the rest of a function after the break, or a function Dynamo could not inline)."""
+    outputs: bool = False
+    """Its outputs go to a graph break rather than to the model's output."""
+
+
+def graph_breaks(gm: fx.GraphModule) -> GraphBreaks:
+    """The graph breaks around ``gm``, read while Dynamo is compiling it (none outside Dynamo)."""
+    reason = getattr(gm, "compile_subgraph_reason", None)
+    ends_at_break = bool(getattr(reason, "graph_break", False))
+    try:
+        from torch._dynamo.convert_frame import output_codes
+        from torch._dynamo.resume_execution import TORCH_DYNAMO_RESUME_IN_PREFIX
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+
+        own = InstructionTranslator.current_tx().f_code.co_name
+    except (ImportError, AttributeError):
+        return GraphBreaks(outputs=ends_at_break)
+    # Frames running code that Dynamo rewrote, innermost first: the callers of the frame being compiled.
+    callers, frame = [], sys._getframe()
+    while frame is not None:
+        if frame.f_code in output_codes:
+            callers.append(frame.f_code.co_name)
+        frame = frame.f_back
+    # A resume function is tail-called (its result is its caller's); any other call returns into
+    # the caller's eager code. The result reaches the model's output only through tail calls.
+    chain = [own, *callers]
+    returns_to_model = all(name.startswith(TORCH_DYNAMO_RESUME_IN_PREFIX) for name in chain[:-1])
+    return GraphBreaks(inputs=bool(callers), outputs=ends_at_break or not returns_to_model)
+
+
 @dataclass
 class PassContext:
     """State shared by the passes of one compiled graph."""
@@ -92,8 +130,12 @@ class PassContext:
     fake_mode: Any = None
     graph_index: int = 0
     """Position of this graph among those compiled in this process (names dump folders)."""
+    breaks: GraphBreaks | None = None
+    """The graph breaks around this graph; read from Dynamo when not given."""
 
     def __post_init__(self) -> None:
+        if self.breaks is None:
+            self.breaks = graph_breaks(self.gm)
         placeholders = [n for n in self.gm.graph.nodes if n.op == "placeholder"]
         self._placeholder_values = dict(zip(placeholders, self.example_inputs))
         if self.fake_mode is None:

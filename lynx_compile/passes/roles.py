@@ -10,8 +10,12 @@ analysis used by ``select_linears``; it changes nothing. Roles, checked in this 
 ``attn_qkv``      the output reaches an attention op as query, key or value (also fused qkv,
                   Flux's fused qkv+MLP linear, cross-attention k/v over text tokens, and
                   hand-written softmax attention).
+``graph_break``   token-wise, no normalisation upstream, and the graph's inputs come from a
+                  graph break: the layer's upstream lies in another graph.
 ``embedder``      token-wise, but no normalisation lies upstream: patch, context and caption
                   projections that read the raw model inputs.
+``graph_break``   the output reaches the graph output through layout ops only, and that output
+                  goes to a graph break rather than to the model's output.
 ``final``         the output reaches the graph output through layout ops only (unpatchify).
 ``mlp_up``        the output reaches an activation function through layout ops.
 ``mlp_down``      the input comes from an activation function (through layout ops, gating
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import torch.fx as fx
 
+from ..types import INPUT_FROM_GRAPH_BREAK, OUTPUT_TO_GRAPH_BREAK, Role
 from .graph import PassContext, op_name, tensor_rank
 
 LINEAR_OPS = {"linear", "matmul", "mm", "bmm", "addmm", "baddbmm", "conv1d", "conv2d", "conv3d", "__matmul__"}
@@ -34,7 +39,10 @@ ATTENTION_OPS = {
     "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
     "_scaled_dot_product_flash_attention_for_cpu", "_flash_attention_forward", "_efficient_attention_forward",
 }
-ACTIVATIONS = {"gelu", "silu", "relu", "relu_", "mish", "hardswish", "leaky_relu", "sigmoid", "softplus", "elu", "selu", "celu", "quick_gelu", "gelu_tanh", "relu6", "glu"}
+ACTIVATIONS = {
+    "gelu", "silu", "relu", "relu_", "mish", "hardswish", "leaky_relu", "sigmoid", "softplus", "elu", "selu", "celu",
+    "quick_gelu", "gelu_tanh", "relu6", "glu",
+}
 NORMS = {"layer_norm", "rms_norm", "group_norm", "batch_norm", "instance_norm", "rsqrt", "normalize"}
 LAYOUT = {
     "view", "reshape", "permute", "transpose", "t", "contiguous", "flatten", "unflatten", "squeeze",
@@ -63,10 +71,10 @@ def _search(start: fx.Node, step, through: set[str] | None, found, max_hops: int
 
     The walk goes on only through ops named in ``through`` (any op but a linear one when None).
     """
-    frontier, seen = [(start, None)], {start}
+    frontier, seen = [start], {start}
     for _ in range(max_hops):
         next_frontier = []
-        for node, came_from in frontier:
+        for node in frontier:
             for nxt in step(node):
                 if nxt in seen:
                     continue
@@ -76,7 +84,7 @@ def _search(start: fx.Node, step, through: set[str] | None, found, max_hops: int
                 name = op_name(nxt)
                 passable = name not in LINEAR_OPS and (through is None or name in through)
                 if passable and nxt.op in ("call_function", "call_method"):
-                    next_frontier.append((nxt, node))
+                    next_frontier.append(nxt)
         frontier = next_frontier
         if not frontier:
             break
@@ -120,6 +128,7 @@ class RoleAnalysis:
     """Structural facts about one graph, computed once in topological order."""
 
     def __init__(self, ctx: PassContext):
+        self.breaks = ctx.breaks
         self.max_rank_upstream: dict[fx.Node, int] = {}
         """Largest rank among the non-constant tensors a node is computed from (itself included)."""
         self.norm_upstream: dict[fx.Node, bool] = {}
@@ -132,20 +141,27 @@ class RoleAnalysis:
             self.max_rank_upstream[node] = max([tensor_rank(node) or 0] + [self.max_rank_upstream[a] for a in inputs])
             self.norm_upstream[node] = op_name(node) in NORMS or any(self.norm_upstream[a] for a in inputs)
 
-    def role(self, linear: fx.Node) -> str:
+    def role(self, linear: fx.Node) -> tuple[Role, str]:
+        """The layer's role, and why a layer of that role stays dense when the role is not selected."""
+        role = self._role(linear)
+        if role == Role.GRAPH_BREAK:
+            return role, INPUT_FROM_GRAPH_BREAK if not self.norm_upstream[linear.args[0]] else OUTPUT_TO_GRAPH_BREAK
+        return role, role.dense_reason
+
+    def _role(self, linear: fx.Node) -> Role:
         x = linear.args[0]
         if self.max_rank_upstream[x] <= 2:
-            return "conditioning"
+            return Role.CONDITIONING
         if _search(linear, _users, None, _is_attention_input):
-            return "attn_qkv"
+            return Role.ATTN_QKV
         if not self.norm_upstream[x]:
-            return "embedder"
+            return Role.GRAPH_BREAK if self.breaks.inputs else Role.EMBEDDER
         if _search(linear, _users, LAYOUT, lambda n, _: n.op == "output", 12):
-            return "final"
+            return Role.GRAPH_BREAK if self.breaks.outputs else Role.FINAL
         if _search(linear, _users, LAYOUT, lambda n, _: op_name(n) in ACTIVATIONS, 8):
-            return "mlp_up"
+            return Role.MLP_UP
         if _is_mlp_activation(x) or _search(x, _inputs, LAYOUT | GATING, lambda n, _: _is_mlp_activation(n), 8):
-            return "mlp_down"
+            return Role.MLP_DOWN
         if _is_attention_output(x) or _search(x, _inputs, LAYOUT | LSE_MERGE, lambda n, _: _is_attention_output(n), 12):
-            return "attn_out"
-        return "other"
+            return Role.ATTN_OUT
+        return Role.OTHER

@@ -18,18 +18,12 @@ import torch.fx as fx
 
 from ..config import LynxConfig
 from ..report import LayerDecision
+from ..types import NOT_MATCHED_BY_INCLUDE, Decision
 from .graph import PassContext, fake_value, op_name, qualified_name, submodule_names_hint
 from .roles import RoleAnalysis
+from .speed_policy import slower_than_dense
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-ROLE_REASONS = {
-    "conditioning": "per-sample conditioning (modulation / timestep / class embedding): no token dimension",
-    "embedder": "input embedder (no normalisation upstream): reads raw model inputs",
-    "final": "final projection to the model output",
-    "attn_out": "attention output projection: outside RT-Lynx's sparse set",
-    "other": "role not recognised",
-}
 
 
 def is_linear(node: fx.Node) -> bool:
@@ -55,7 +49,7 @@ def _kernel_path(device: torch.device, dtype: torch.dtype, k: int, n_out: int, n
 
     reason = kernels.unsupported_reason(device, dtype, k, n_out, n, m)
     if reason is None:
-        slower = kernels.slower_than_dense(n_out) if speed_guard else None
+        slower = slower_than_dense(n_out) if speed_guard else None
         return (False, f"speed_guard: {slower}") if slower else (True, "CUDA sparse kernel")
     if not kernels.available() or (n, m) != (2, 4):
         # No kernel for this machine or pattern at all: the reference still computes it.
@@ -72,9 +66,10 @@ def decide(ctx: PassContext, analysis: RoleAnalysis, linear: fx.Node) -> LayerDe
     tokens = None
     if isinstance(x_fake, torch.Tensor) and k:
         rows = x_fake.numel() // k
-        tokens = int(rows) if isinstance(rows, int) or getattr(rows, "node", None) is None or rows.node.is_constant() else str(rows)
-    role = analysis.role(linear)
-    layer = LayerDecision(_layer_name(ctx, linear, weight), k, n_out, tokens, role, "dense", "")
+        symbolic = not isinstance(rows, int) and getattr(rows, "node", None) is not None and not rows.node.is_constant()
+        tokens = str(rows) if symbolic else int(rows)
+    role, role_reason = analysis.role(linear)
+    layer = LayerDecision(_layer_name(ctx, linear, weight), k, n_out, tokens, role, Decision.DENSE, "")
 
     def dense(reason: str) -> LayerDecision:
         layer.reason = reason
@@ -86,9 +81,9 @@ def decide(ctx: PassContext, analysis: RoleAnalysis, linear: fx.Node) -> LayerDe
         return dense("bias is not a constant parameter or buffer")
     if config.include is not None:
         if not re.search(config.include, layer.name):
-            return dense("not matched by include")
+            return dense(NOT_MATCHED_BY_INCLUDE)
     elif role not in config.sparse_roles:
-        return dense(ROLE_REASONS.get(role, f"role {role} not in sparse_roles"))
+        return dense(role_reason)
     if config.exclude is not None and re.search(config.exclude, layer.name):
         return dense("matched by exclude")
     if x_fake.dtype not in _FLOAT_DTYPES or w_fake.dtype != x_fake.dtype:
@@ -100,7 +95,7 @@ def decide(ctx: PassContext, analysis: RoleAnalysis, linear: fx.Node) -> LayerDe
     sparse, how = _kernel_path(w_fake.device, w_fake.dtype, k, n_out, config.n, config.m, config.speed_guard)
     if not sparse:
         return dense(how)
-    layer.decision, layer.reason = "sparse", how
+    layer.decision, layer.reason = Decision.SPARSE, how
     layer.pattern, layer.compensation = config.pattern, config.compensation
     return layer
 
@@ -124,7 +119,7 @@ def keep_sensitive_dense(layers: list[LayerDecision], config: LynxConfig) -> Non
         layer.error = config.sensitivity.get(layer.name)
     if config.max_layer_error is None and config.dense_flop_budget is None:
         return
-    candidates = [layer for layer in layers if layer.decision == "sparse"]
+    candidates = [layer for layer in layers if layer.decision == Decision.SPARSE]
     hint = submodule_names_hint([layer.name for layer in candidates], config.sensitivity)
     if hint:
         raise ValueError(f"lynx: the sensitivity has no entry for any of this graph's {len(candidates)} sparse "
@@ -145,7 +140,7 @@ def keep_sensitive_dense(layers: list[LayerDecision], config: LynxConfig) -> Non
                 f"sensitivity: error {layer.error:.3g}, among the most sensitive "
                 f"{spent / total:.0%} of sparse-layer FLOPs (dense_flop_budget {config.dense_flop_budget:g})"
             )
-        layer.decision, layer.pattern, layer.compensation = "dense", None, None
+        layer.decision, layer.pattern, layer.compensation = Decision.DENSE, None, None
 
 
 def select_linears(gm: fx.GraphModule, ctx: PassContext) -> None:

@@ -18,26 +18,19 @@ import torch
 import torch.fx as fx
 
 from .. import ops
+from ..config import check_lora_factors
+from ..types import CompensationMode, Decision
 from .graph import PassContext, fake_value, set_fake_value, submodule_names_hint
 from .select_linears import is_linear
-
-
-def _check_factors(name: str, down: torch.Tensor, up: torch.Tensor, weight: torch.Tensor) -> None:
-    n_out, k = weight.shape
-    if down.shape[1] != k or tuple(up.shape) != (n_out, down.shape[0]):
-        raise ValueError(
-            f"lynx: LoRA factors of layer {name!r} do not fit its weight {tuple(weight.shape)}: lora_down "
-            f"{tuple(down.shape)} must be (r, {k}) and lora_up {tuple(up.shape)} ({n_out}, r); "
-            "was the compensation calibrated on another model?"
-        )
 
 
 def sparsify_linears(gm: fx.GraphModule, ctx: PassContext) -> None:
     config = ctx.config
     lora_factors = config.compensation_state or {}
     graph = gm.graph
+    lora = config.compensation == CompensationMode.LORA
     sparse_names = [n.meta["lynx"].name for n in graph.nodes if is_linear(n) and n.meta.get("lynx") is not None
-                    and n.meta["lynx"].decision == "sparse"] if config.compensation == "lora" and lora_factors else []
+                    and n.meta["lynx"].decision == Decision.SPARSE] if lora and lora_factors else []
     if sparse_names and not set(sparse_names) & set(lora_factors):
         # Factors for none of the layers: a state calibrated on another model, not a partial one.
         raise ValueError(
@@ -47,19 +40,19 @@ def sparsify_linears(gm: fx.GraphModule, ctx: PassContext) -> None:
         )
     for node in list(graph.nodes):
         decision = node.meta.get("lynx")
-        if not is_linear(node) or decision is None or decision.decision != "sparse":
+        if not is_linear(node) or decision is None or decision.decision != Decision.SPARSE:
             continue
         x, weight = node.args[0], node.args[1]
         bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
         common = (bias, config.n, config.m, config.norm_compensation, config.eps)
-        factors = lora_factors.get(decision.name) if config.compensation == "lora" else None
-        if config.compensation == "lora" and factors is None:
-            decision.compensation = "norm"
+        factors = lora_factors.get(decision.name) if lora else None
+        if lora and factors is None:
+            decision.compensation = CompensationMode.NORM
             decision.reason += "; no LoRA factors for this layer, norm compensation only"
         if factors is not None:
-            down, up = factors
             weight_value = ctx.constant(weight)
-            _check_factors(decision.name, down, up, weight_value)
+            check_lora_factors(decision.name, factors, tuple(weight_value.shape))
+            down, up = factors
             device, dtype = fake_value(x).device, fake_value(x).dtype
             weight_lora, down = ops.pack_lora(*(t.detach().to(device, dtype) for t in (weight_value, down, up)))
             op = torch.ops.lynx.sparse_linear_lora.default

@@ -4,14 +4,15 @@ A model spec is one of:
 
 * a built-in name (``dit-xl-2``, ``flux-dev``... see ``lynx_compile.models.NAMES``);
 * ``module:factory``: a callable returning ``model``, ``(model, args)`` or ``(model, args, kwargs)``;
-* a diffusers class name (``FluxTransformer2DModel``...) with ``--config config.json``; random
-  weights, inputs derived from the config.
+  given a diffusers config, it is called as ``factory(config=dict)`` and must accept ``config``;
+* a diffusers class name (``FluxTransformer2DModel``...) with a diffusers config (``config.json``);
+  random weights, inputs derived from the config.
 """
 
 from __future__ import annotations
 
-import argparse
 import importlib
+import inspect
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,13 +21,12 @@ from typing import Any
 
 import torch
 
-from . import models
-from .config import LynxConfig
+from .. import models
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 
-# Serving shapes of the issue's benchmark: (batch, resolution, classifier-free guidance).
+# Serving shapes: (batch, resolution in pixels, classifier-free guidance).
 SERVING = {"dit": (8, 256, True), "pixart-xl-2": (1, 1024, True), "flux-dev": (1, 1024, False), "mmdit-tiny": (1, 256, False)}
 # --quick: the same architectures, small enough for a 2-core CPU.
 QUICK_OVERRIDES = {
@@ -35,7 +35,14 @@ QUICK_OVERRIDES = {
     "flux-dev": dict(depth=1, single_depth=1, hidden=256, context_dim=256, vec_dim=64),
     "mmdit-tiny": dict(depth=1, single_depth=1),
 }
-QUICK_SHAPES = {"dit": (2, 256, False), "pixart-xl-2": (1, 128, False), "flux-dev": (1, 128, False), "mmdit-tiny": (1, 128, False)}
+QUICK_SHAPES = {"dit": (2, 256, False), "pixart-xl-2": (1, 128, False), "flux-dev": (1, 128, False),
+                "mmdit-tiny": (1, 128, False)}
+QUICK_TEXT_TOKENS = 32
+
+
+def describe_overrides(overrides: dict[str, Any]) -> str:
+    """``depth 2, hidden 256``: model config overrides as people read them."""
+    return ", ".join(f"{key.replace('_', ' ')} {value}" for key, value in overrides.items())
 
 
 class WorkloadError(ValueError):
@@ -54,6 +61,16 @@ class Workload:
     make_inputs: Callable[..., tuple[tuple, dict]] | None = None
     """``make_inputs(batch, resolution=None, text_tokens=None)``: fresh ``(args, kwargs)`` at
     other shapes (resolution in pixels), where the input recipe is known."""
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+    """Config fields of a built-in model that differ from its published size (``--quick``)."""
+    quick: bool = False
+
+    @property
+    def label(self) -> str:
+        """The name of the model that actually runs: ``dit-xl-2 (quick: depth 2, hidden 256)``."""
+        if not self.model_overrides:
+            return self.name
+        return f"{self.name} ({'quick: ' if self.quick else ''}{describe_overrides(self.model_overrides)})"
 
     def __call__(self, model: Callable | None = None) -> Any:
         return (self.model if model is None else model)(*self.args, **self.kwargs)
@@ -69,7 +86,7 @@ def builtin_workload(name, batch=None, resolution=None, text_tokens=None, dtype=
     default_batch, default_res, default_cfg = (QUICK_SHAPES if quick else SERVING)[family]
     if quick:
         overrides = {**QUICK_OVERRIDES[family], **overrides}
-        text_tokens = text_tokens or 32
+        text_tokens = text_tokens or QUICK_TEXT_TOKENS
     batch = batch or default_batch
     cfg = default_cfg if cfg is None else cfg
     resolution = resolution or default_res
@@ -83,7 +100,8 @@ def builtin_workload(name, batch=None, resolution=None, text_tokens=None, dtype=
 
     shape = f"{resolution}px, batch {batch}{' x2 (CFG)' if cfg else ''}"
     batch = 2 * batch if cfg else batch  # guidance runs the conditional and unconditional batch in one forward
-    return Workload(name, model, make_inputs(batch)[0], {}, shape, batch, make_inputs)
+    size_overrides = {key: value for key, value in overrides.items() if key != "input_size"}  # input_size follows the resolution
+    return Workload(name, model, make_inputs(batch)[0], {}, shape, batch, make_inputs, size_overrides, quick)
 
 
 def _diffusers_inputs(cls_name: str, config: dict, batch: int, resolution: int | None, text_tokens: int, dtype, device,
@@ -111,7 +129,8 @@ def _diffusers_inputs(cls_name: str, config: dict, batch: int, resolution: int |
         kwargs = dict(hidden_states=randn(batch, side * side, channels), timestep=torch.rand(batch, generator=gen).to(device),
                       encoder_hidden_states=randn(batch, text_tokens, config.get("joint_attention_dim", 4096)),
                       pooled_projections=randn(batch, config.get("pooled_projection_dim", 768)),
-                      img_ids=torch.randn(side * side, 3, generator=gen).to(device), txt_ids=torch.zeros(text_tokens, 3, device=device))
+                      img_ids=torch.randn(side * side, 3, generator=gen).to(device),
+                      txt_ids=torch.zeros(text_tokens, 3, device=device))
         if config.get("guidance_embeds", True):
             kwargs["guidance"] = torch.full((batch,), 3.5, device=device)
         return kwargs
@@ -129,6 +148,17 @@ class DiffusersSample(torch.nn.Module):
         return self.model(**kwargs, return_dict=False)[0]
 
 
+def read_diffusers_config(path: str | Path) -> dict:
+    """A diffusers ``config.json`` as a dict; an unreadable file or one that is not a JSON object is a WorkloadError."""
+    try:
+        config = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise WorkloadError(f"cannot read diffusers config {path}: {err}") from None
+    if not isinstance(config, dict):
+        raise WorkloadError(f"diffusers config {path}: expected a JSON object, got {type(config).__name__}")
+    return config
+
+
 def diffusers_workload(cls_name, config_path, batch=1, text_tokens=None, dtype=torch.float32, device="cpu") -> Workload:
     """A diffusers transformer from its config (a JSON path or a dict), with random weights."""
     try:
@@ -139,14 +169,8 @@ def diffusers_workload(cls_name, config_path, batch=1, text_tokens=None, dtype=t
     if cls is None:
         raise WorkloadError(f"diffusers has no class {cls_name!r}")
     if config_path is None:
-        raise WorkloadError(f"{cls_name} needs --config CONFIG.json")
-    if isinstance(config_path, dict):
-        config = config_path
-    else:
-        try:
-            config = json.loads(Path(config_path).read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            raise WorkloadError(f"cannot read config {config_path}: {err}") from None
+        raise WorkloadError(f"{cls_name} needs a diffusers config (--diffusers-config CONFIG.json)")
+    config = config_path if isinstance(config_path, dict) else read_diffusers_config(config_path)
     # Built in its dtype on its device: flux-dev in fp32 first would need 48 GB on the way to 24.
     default_dtype = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -162,13 +186,28 @@ def diffusers_workload(cls_name, config_path, batch=1, text_tokens=None, dtype=t
     return Workload(cls_name, DiffusersSample(model), (), make_inputs(batch)[1], f"batch {batch}", batch, make_inputs)
 
 
-def factory_workload(spec: str, device="cpu", dtype=torch.float32) -> Workload:
+def _accepts_config(factory: Callable) -> bool:
+    try:
+        parameters = inspect.signature(factory).parameters
+    except (TypeError, ValueError):  # some builtins and extension callables have no signature
+        return False
+    config = parameters.get("config")
+    return config is not None and config.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+
+
+def factory_workload(spec: str, device="cpu", dtype=torch.float32, config: dict | None = None) -> Workload:
+    """``module:factory``'s model; ``config`` (a diffusers config dict), if given, goes to ``factory(config=...)``."""
     module_name, _, attr = spec.partition(":")
     try:
         factory = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as err:
         raise WorkloadError(f"cannot load factory {spec!r}: {err}") from None
-    made = factory()
+    if config is None:
+        made = factory()
+    elif _accepts_config(factory):
+        made = factory(config=config)
+    else:
+        raise WorkloadError(f"{spec} takes no 'config' argument, so a diffusers config cannot be passed to it")
     model, args, kwargs = (made, None, {}) if isinstance(made, torch.nn.Module) else (tuple(made) + ({},))[:3]
     if args is None:
         if not hasattr(model, "config") or not hasattr(model, "lynx_name"):
@@ -177,50 +216,19 @@ def factory_workload(spec: str, device="cpu", dtype=torch.float32) -> Workload:
     return Workload(spec, model.to(device).eval(), tuple(args), dict(kwargs), "from factory")
 
 
-def load_workload(args: argparse.Namespace) -> Workload:
-    """The workload the parsed ``add_workload_arguments`` options describe."""
-    dtype = DTYPES[args.dtype]
-    spec = args.model
+def load_workload(spec: str, *, diffusers_config: str | Path | None = None, batch: int | None = None,
+                  resolution: int | None = None, text_tokens: int | None = None, cfg: bool | None = None,
+                  dtype: torch.dtype = torch.float32, device: str = "cpu", quick: bool = False) -> Workload:
+    """The workload a model spec names (see the module docstring); options that do not apply to it are errors."""
     if spec in models.NAMES:
-        return builtin_workload(spec, args.batch, args.resolution, args.text_tokens, dtype, args.device, args.quick, args.cfg)
+        if diffusers_config is not None:
+            raise WorkloadError(f"a diffusers config does not apply to the built-in model {spec!r}; "
+                                "give it with a diffusers class or a module:factory that takes 'config'")
+        return builtin_workload(spec, batch, resolution, text_tokens, dtype, device, quick, cfg)
+    config = None if diffusers_config is None else read_diffusers_config(diffusers_config)
     if ":" in spec:
-        return factory_workload(spec, args.device, dtype)
-    if spec.endswith("Model") or args.config:
-        return diffusers_workload(spec, args.config, args.batch or 1, args.text_tokens, dtype, args.device)
-    raise WorkloadError(f"unknown model {spec!r}: use one of {', '.join(models.NAMES)}, module:factory, or a diffusers class with --config")
-
-
-def add_workload_arguments(parser: argparse.ArgumentParser, default_model: str | None = None) -> None:
-    group = parser.add_argument_group("model and inputs")
-    group.add_argument("model" if default_model is None else "--model", default=default_model,
-                       help=f"built-in name ({', '.join(models.NAMES)}), module:factory, or a diffusers class")
-    group.add_argument("--config", help="diffusers config.json, with a diffusers class as the model")
-    group.add_argument("--batch", type=int, help="images per forward (before CFG doubling)")
-    group.add_argument("--resolution", type=int, help="image resolution in pixels")
-    group.add_argument("--text-tokens", type=int, help="text tokens (PixArt, Flux, SD3)")
-    group.add_argument("--cfg", action=argparse.BooleanOptionalAction, default=None, help="classifier-free guidance doubles the batch")
-    group.add_argument("--dtype", choices=sorted(DTYPES), help="default: bfloat16 on CUDA, float32 on CPU")
-    group.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    group.add_argument("--quick", action="store_true", help="small configs and shapes, for CPU and CI")
-
-
-def finish_workload_arguments(args: argparse.Namespace) -> None:
-    if args.dtype is None:
-        args.dtype = "bfloat16" if str(args.device).startswith("cuda") else "float32"
-
-
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("lynx config (see LynxConfig)")
-    group.add_argument("--pattern", help="N:M, default 2:4")
-    group.add_argument("--compensation", help="none, norm or lora")
-    group.add_argument("--include", help="regex over module qualified names to sparsify")
-    group.add_argument("--exclude", help="regex over module qualified names kept dense")
-    group.add_argument("--sparse-roles", help="comma-separated roles to sparsify")
-    group.add_argument("--min-features", type=int)
-
-
-def config_from_args(args: argparse.Namespace) -> LynxConfig:
-    fields = {k: getattr(args, k) for k in ("pattern", "compensation", "include", "exclude", "min_features")}
-    if args.sparse_roles:
-        fields["sparse_roles"] = frozenset(r.strip() for r in args.sparse_roles.split(","))
-    return LynxConfig(**{k: v for k, v in fields.items() if v is not None})
+        return factory_workload(spec, device, dtype, config)
+    if spec.endswith("Model") or config is not None:
+        return diffusers_workload(spec, config, batch or 1, text_tokens, dtype, device)
+    raise WorkloadError(f"unknown model {spec!r}: use one of {', '.join(models.NAMES)}, module:factory, "
+                        "or a diffusers class with a diffusers config")

@@ -35,12 +35,11 @@ def device_slug(device: torch.device | str) -> str:
 
 
 def write_json(payload: dict, path: str | os.PathLike) -> Path:
-    """Write a result; a copy also goes to ``$OUT`` when set, which is how runs on a lent GPU
-    machine bring their files back."""
+    """Write a result as indented JSON, creating its folder."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(payload, indent=1)
-    path.write_text(text)
-    if os.environ.get("OUT"):
-        Path(os.environ["OUT"], path.name).write_text(text)
+    path.write_text(json.dumps(payload, indent=1))
     return path
+
+
+__all__ = ["device_slug", "environment", "slug", "write_json"]

@@ -1,8 +1,9 @@
+// lynx: the plain-data parameters every GEMM configuration takes (no torch, no CUTLASS types); internal to the
+// library, between api.cu and the per-configuration translation units (gemm_sm90.cuh).
 #pragma once
 #include <cuda_runtime.h>
 #include <stddef.h>
 
-// Plain-data parameters shared by all GEMM configurations (no torch, no CUTLASS types).
 struct LynxGemmParams {
   const void* a_comp;  // compressed sparse activation values (M x K/2)
   const void* e;       // metadata (lynx_metadata_bytes(M, K) bytes)
@@ -16,13 +17,4 @@ struct LynxGemmParams {
   int pdl;             // launch with programmatic dependent launch (overlaps the prologue with the previous kernel)
   void* workspace;
   size_t workspace_bytes;
-};
-
-enum {
-  LYNX_ERR_CANNOT_IMPLEMENT = -2,
-  LYNX_ERR_WORKSPACE = -3,
-  LYNX_ERR_INIT = -4,
-  LYNX_ERR_RUN = -5,
-  LYNX_ERR_NO_CONFIG = -6,
-  LYNX_ERR_CUDA_BASE = -1000,
 };
