@@ -6,8 +6,8 @@
 Two producers, as in a DiT block: adaLN's ``LayerNorm(x) * (1 + scale) + shift`` (per-sample scale and shift)
 before the attention/MLP up-projections, and ``GELU(tanh)`` before the MLP down-projection. Each layer is compiled
 three ways on one input: ``inductor`` (torch.compile, cuBLAS GEMM), ``lynx`` (backend="lynx": the producer runs
-inside the sparsify step) and ``lynx-separate`` (``fuse_producers=False``: Inductor's producer kernel, then the
-separate sparsify pass). ``speed_guard`` is off, so every shape runs sparse. Times are medians of
+inside the sparsify step, ``fuse_producers=True``) and ``lynx-separate`` (``fuse_producers=False``: Inductor's
+producer kernel, then the separate sparsify pass). ``speed_guard`` is off, so every shape runs sparse. Times are medians of
 ``triton.testing.do_bench`` over CUDA-graph replays, in one process. Writes
 ``benchmarks/results/fused-producer-<gpu>.json`` and prints a table.
 """

@@ -57,11 +57,13 @@ class LynxConfig:
     slower than dense cuBLAS (``lynx_compile.passes.speed_policy``). Off: every selected
     layer the kernel can take runs sparse, e.g. for quality studies."""
 
-    fuse_producers: bool = True
+    fuse_producers: bool = False
     """Run the kernel that produces a sparse layer's input (adaLN's LayerNorm and modulation,
     GELU, SiLU) inside the layer's sparsify step, so that the producer's output is never written
-    and read back (``lynx_compile.passes.fuse_producers``). Off: the producer stays a kernel of
-    its own and the sparsify step reads its output."""
+    and read back (``lynx_compile.passes.fuse_producers``). Off by default: it gains on a lone
+    producer + linear but loses inside DiT-XL (benchmarks/README.md, "Producer fused into the
+    sparsify step"). Off: the producer stays a kernel of its own and the sparsify step reads its
+    output."""
 
     eps: float = NORM_EPS
     """eps of the norm-compensation scale sqrt(||x||^2 / (||x~||^2 + eps))."""

@@ -15,7 +15,10 @@ def lynx_ops(backend):
             if node.op == "call_function" and str(node.target).startswith("lynx.")]
 
 
-def run(model, args, config=None, dynamic=False):
+FUSED = LynxConfig(fuse_producers=True)
+
+
+def run(model, args, config=FUSED, dynamic=False):
     torch._dynamo.reset()
     backend = lynx_compile.LynxBackend(config, inductor=False)
     with torch.no_grad():
@@ -76,7 +79,7 @@ def test_exact_gelu_and_silu(activation, producer):
     torch.manual_seed(0)
     model = nn.Sequential(nn.LayerNorm(D), nn.Linear(D, 2 * D), activation, nn.Linear(2 * D, D), nn.LayerNorm(D)).eval()
     x = torch.randn(2, 6, D)
-    config = LynxConfig(include="^[13]$")
+    config = LynxConfig(include="^[13]$", fuse_producers=True)
     out, backend = run(model, (x,), config)
     assert producers(backend) == {"1": "fused layer_norm", "3": f"fused {producer}"}
     unfused, _ = run(model, (x,), config.with_options({"fuse_producers": False}))
@@ -87,7 +90,7 @@ def test_two_dimensional_tokens_use_one_row_for_every_token():
     torch.manual_seed(0)
     model = nn.Sequential(nn.LayerNorm(D), nn.Linear(D, D)).eval()
     x = torch.randn(12, D)
-    out, backend = run(model, (x,), LynxConfig(include="1"))
+    out, backend = run(model, (x,), LynxConfig(include="1", fuse_producers=True))
     assert producers(backend) == {"1": "fused layer_norm"}
     unfused, _ = run(model, (x,), LynxConfig(include="1", fuse_producers=False))
     assert relative_error(out, unfused) < 1e-5
@@ -96,10 +99,10 @@ def test_two_dimensional_tokens_use_one_row_for_every_token():
 def test_layers_left_unfused_say_why():
     torch.manual_seed(0)
     block = Block().eval()
-    _, off = run(block, block_inputs(), LynxConfig(fuse_producers=False))
-    assert set(producers(off).values()) == {"not fused: fuse_producers is off"}
+    _, off = run(block, block_inputs(), LynxConfig())
+    assert set(producers(off).values()) == {"not fused: fuse_producers is off"}, "off by default"
     factors = {"qkv": (torch.randn(8, D) / D, torch.randn(3 * D, 8) / 8)}
-    _, lora = run(block, block_inputs(), LynxConfig(compensation="lora", compensation_state=factors))
+    _, lora = run(block, block_inputs(), LynxConfig(compensation="lora", compensation_state=factors, fuse_producers=True))
     assert producers(lora)["qkv"] == "not fused: the folded LoRA reads the producer's output"
     assert producers(lora)["fc2"] == "fused gelu_tanh"
 
@@ -108,7 +111,7 @@ def test_dynamic_batch_keeps_one_graph_with_per_sample_rows(block):
     inputs = [block_inputs(batch=batch) for batch in (2, 3, 5)]
     expected = [run(block, args, LynxConfig(fuse_producers=False))[0] for args in inputs]
     torch._dynamo.reset()
-    backend = lynx_compile.LynxBackend(LynxConfig(), inductor=False)
+    backend = lynx_compile.LynxBackend(FUSED, inductor=False)
     compiled = torch.compile(block, backend=backend, dynamic=True)
     with torch.no_grad():
         for args, unfused in zip(inputs, expected):

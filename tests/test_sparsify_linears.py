@@ -20,9 +20,8 @@ def lynx_ops(backend):
 
 
 def compile_and_run(model, config, x):
-    # This pass alone: the producers it leaves in front of the lynx ops are fused later (test_fuse_producers.py).
     torch._dynamo.reset()  # nn.Sequential.forward is compiled by other test files too: no recompile limit here
-    backend = lynx_compile.LynxBackend(config.with_options({"fuse_producers": False}), inductor=False)
+    backend = lynx_compile.LynxBackend(config, inductor=False)
     with torch.no_grad():
         return torch.compile(model, backend=backend, fullgraph=True)(x), backend
 
