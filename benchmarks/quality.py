@@ -1,5 +1,7 @@
 """Quality of lynx sparsity variants on the trained digits DiT (``checkpoints/dit_digits.pt``).
 
+One script, past the usual size: every variant shares the trained model, the data split and the report.
+
     python benchmarks/quality.py            # full settings (CPU: a few minutes)
     python benchmarks/quality.py --quick    # small settings, as tests/test_quality.py runs it
     python benchmarks/quality.py --device cuda

@@ -1,5 +1,7 @@
 """How fast can Hopper's tensor cores run the 2:4 sparse MMA at all? (GPU, sm_90a, needs ``nvcc``)
 
+One file, past the usual size: the CUDA source it generates and the harness that times it change together.
+
     python benchmarks/tensor_core_ceiling.py
 
 ``benchmarks/gemm.py`` times whole GEMMs. This probe times the instruction underneath them, to say

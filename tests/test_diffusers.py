@@ -8,7 +8,7 @@ from conftest import relative_error
 from test_backend import reference_forward
 
 import lynx_compile
-from lynx_compile.workloads import diffusers_workload
+from lynx_compile.tools.workloads import diffusers_workload
 
 pytest.importorskip("diffusers")
 

@@ -12,7 +12,7 @@ from lynx_compile.models import build, example_inputs
     [
         # The first shapes avoid sizes equal to a weight dim: Dynamo's duck shaping would give
         # them one symbol and specialise both (README, limits).
-        ("mmdit-tiny", {}, [(2, 192, 16), (3, 256, 16), (2, 128, 24), (4, 320, 40)]),
+        ("mmdit-tiny", dict(depth=1, single_depth=1), [(2, 192, 16), (3, 256, 16), (2, 128, 24), (4, 320, 40)]),
         ("pixart-xl-2", dict(depth=1, hidden=256, caption_channels=64), [(2, 192, 8), (3, 128, 8), (2, 256, 12), (4, 320, 20)]),
         ("dit-s-2", dict(depth=1, hidden=256), [(2, None, None), (3, None, None), (5, None, None)]),
     ],

@@ -1,5 +1,7 @@
 """GPU tests of the CUDA kernels (``lynx_compile.kernels``) against the reference ops.
 
+One file, past the usual size: every test shares one loaded kernel library and the same references.
+
 Skipped cleanly where there is no CUDA device, no sm_90 GPU, or the kernel library is unavailable.
 """
 
