@@ -19,12 +19,14 @@ CONFIGS = {
     "dit": ("DiTTransformer2DModel", dict(num_attention_heads=2, attention_head_dim=64, in_channels=4, num_layers=2,
                                           sample_size=8, patch_size=2, num_embeds_ada_norm=10)),
     "pixart": ("PixArtTransformer2DModel", dict(num_attention_heads=2, attention_head_dim=64, in_channels=4, out_channels=8,
-                                                num_layers=2, cross_attention_dim=128, sample_size=8, patch_size=2, caption_channels=32)),
+                                                num_layers=2, cross_attention_dim=128, sample_size=8, patch_size=2,
+                                                caption_channels=32)),
     "sd3": ("SD3Transformer2DModel", dict(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=64,
                                           num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=128,
                                           pooled_projection_dim=16, out_channels=4, pos_embed_max_size=16)),
-    "flux": ("FluxTransformer2DModel", dict(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=64,
-                                            num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=16,
+    "flux": ("FluxTransformer2DModel", dict(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                            attention_head_dim=64, num_attention_heads=2, joint_attention_dim=32,
+                                            pooled_projection_dim=16,
                                             guidance_embeds=True, axes_dims_rope=(16, 24, 24), sample_size=4)),
 }
 
@@ -106,7 +108,8 @@ def test_regional_compilation_sparsifies_every_block_and_matches_the_reference()
     linears = [n for n, m in workload.model.named_modules() if isinstance(m, torch.nn.Linear)]
     sparse = [n for n in linears if re.fullmatch(f"model\\.{SPARSE['flux']}", n)]
     # Names run from the block down: the double block's and the single block's graph.
-    assert {l.name for l in backend.report.sparse} == {re.sub(r"^model\.(single_)?transformer_blocks\.0\.", "", n) for n in sparse}
+    block_names = {re.sub(r"^model\.(single_)?transformer_blocks\.0\.", "", n) for n in sparse}
+    assert {l.name for l in backend.report.sparse} == block_names
     expected = reference_forward(workload.model, [], sparse, **workload.kwargs)
     assert relative_error(out, expected) < 2e-3
 
@@ -120,7 +123,8 @@ def test_regional_compilation_rejects_settings_keyed_by_the_whole_models_names(s
         config = dict(sensitivity={name: 0.5}, dense_flop_budget=0.3)
     else:
         r = 4
-        config = dict(compensation="lora", compensation_state={name: (torch.zeros(r, q.in_features), torch.zeros(q.out_features, r))})
+        factors = (torch.zeros(r, q.in_features), torch.zeros(q.out_features, r))
+        config = dict(compensation="lora", compensation_state={name: factors})
     workload.model.model.compile_repeated_blocks(backend=lynx_compile.backend(min_features=0, **config), fullgraph=True)
     with pytest.raises(Exception, match="regional compilation"), torch.no_grad():
         workload.model(**workload.kwargs)
