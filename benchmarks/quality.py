@@ -426,7 +426,7 @@ def table(output: dict[str, Any], tablefmt: str = "github") -> str:
 
 
 def findings(output: dict[str, Any]) -> dict[str, Any]:
-    """The issue's done-means, checked on these numbers (reported whichever way they come out)."""
+    """The quality claims (the paper's ordering, the loss budget), checked on these numbers, whichever way they come out."""
     v = output["variants"]
     weight, naive, norm = v["weight 2:4"], v["act 2:4"], v["act 2:4 + norm"]
     return {
