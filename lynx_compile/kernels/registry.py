@@ -121,11 +121,9 @@ def producer_sparse_linear_cuda(x: Tensor, producer: str, mul: Tensor | None, ad
                                 eps: float) -> Tensor:
     """Python kernel of ``lynx::producer_sparse_linear``: one sparsify pass that runs the producer on the loaded
     input, then the sparse GEMM; the reference where the kernels can't take the call."""
-    reason = _runtime_reason(x, weight, n, m, (bias, mul, add),
-                             lambda: (ops.check_producer(x, producer, mul, add),
-                                      ops.check_linear(x, weight, bias, n, m, None, None)))
-    reason = reason or _producer_reason(x, producer, mul, add)
     ops.check_producer(x, producer, mul, add)  # per call: whether the tokens split into the samples depends on M
+    reason = _runtime_reason(x, weight, n, m, (bias, mul, add), lambda: ops.check_linear(x, weight, bias, n, m, None, None))
+    reason = reason or _producer_reason(x, producer, mul, add)
     if reason is not None:
         _reference_fallback("producer_sparse_linear", reason)
         return ops.producer_sparse_linear(x, producer, mul, add, producer_eps, weight, bias, n, m, norm_compensation, eps)
