@@ -1,4 +1,5 @@
-"""Benchmark of the lynx 2:4 activation-sparse linear against cuBLAS dense and cuSPARSELt (H100/H200).
+"""Benchmark of the lynx 2:4 activation-sparse linear against cuBLAS dense and cuSPARSELt (H100/H200), in 16-bit and
+in FP8 (e4m3 with per-token and per-channel scales) against FP8 dense (``torch._scaled_mm``) and cuSPARSELt FP8.
 
     python benchmarks/gemm.py                 # the standard shapes
     python benchmarks/gemm.py 4096x1152x3456  # extra shapes, M x K x N (M x K -> N)
@@ -137,25 +138,67 @@ def run_shape(M, K, N, dtype, tune: bool, lora_rank: int) -> dict:
         row["lora_rel_err"] = relative_error(folded(), ref + (x.float() @ down.float().t()) @ up.float().t())
         del down, up, weight_lora, down_padded, values_lora, meta_lora, scale_lora
 
+    fp8_operands = run_fp8(row, x, w, b, out)
     if tune:
-        prefix = "bf16" if dtype == torch.bfloat16 else "fp16"
-        res = {}
-        for name, idx in kernels.gemm_configs().items():
-            if not name.startswith(prefix):
-                continue
-            for swz in (1, 2, 4, 8):
-                for ras in (1, 2):
-                    try:
-                        ms = bench_graph(lambda config=(idx, swz, ras): kernels.sparse_mm_compressed(
-                            values, meta, scale, w, b, out=out, config=config), rep=60)
-                    except Exception as exc:  # noqa: BLE001
-                        ms = float("nan")
-                        print(f"  {name} {swz} {ras}: {exc}", file=sys.stderr)
-                    res[f"{name}:{swz}:{ras}"] = ms
-        best = min(res, key=lambda k: res[k] if res[k] == res[k] else 1e9)
-        row["tune"] = res
-        row["tune_best"] = [best, res[best]]
+        prefix = "bf16_" if dtype == torch.bfloat16 else "fp16_"
+        row["tune"], row["tune_best"] = tune_configs(prefix, lambda config: kernels.sparse_mm_compressed(
+            values, meta, scale, w, b, out=out, config=config))
+        values8, meta8, scale8, w8, w8_scale = fp8_operands
+        row["fp8_tune"], row["fp8_tune_best"] = tune_configs(f"e4m3_{prefix}", lambda config: kernels.sparse_mm_compressed(
+            values8, meta8, scale8, w8, b, out=out, config=config, col_scale=w8_scale))
     return row
+
+
+def run_fp8(row: dict, x, w, b, out) -> tuple:
+    """FP8 rows: FP8 dense as users run it (per-token quantization compiled by Inductor + rowwise ``_scaled_mm``,
+    fast accumulation) and its GEMM alone; cuSPARSELt FP8 2:4 (GEMM alone); lynx e4m3 sparsify, GEMM and the op.
+    Returns the lynx e4m3 GEMM's operands (for tuning)."""
+    w8, w8_scale = ops.quantize_weight_e4m3(w)
+    torch._dynamo.reset()  # one compiled graph per shape, past Dynamo's recompile limit
+    fp8_dense = torch.compile(ops.e4m3_linear, fullgraph=True, dynamic=False)
+    row["fp8_dense_ms"] = bench_graph(lambda: fp8_dense(x, w8, w8_scale, b))
+    x8, x8_scale = ops.quantize_e4m3(x, x.abs().amax(dim=-1, keepdim=True).float())
+    row["fp8_gemm_ms"] = bench_graph(lambda: torch._scaled_mm(x8, w8.t(), scale_a=x8_scale, scale_b=w8_scale.reshape(1, -1),
+                                                              bias=b, out_dtype=x.dtype, use_fast_accum=True))
+    try:
+        kept, _ = ops.sparsify_reference(x, 2, 4, False, ops.NORM_EPS)
+        kept8 = ops.quantize_e4m3(kept, kept.abs().amax(dim=-1, keepdim=True).float())[0]
+        xc8, w8t = torch._cslt_compress(kept8), w8.t()
+        torch._cslt_sparse_mm(xc8, w8t, out_dtype=x.dtype)
+        row["cslt_fp8_ms"] = bench_graph(lambda: torch._cslt_sparse_mm(xc8, w8t, out_dtype=x.dtype))
+    except Exception as exc:  # noqa: BLE001
+        row["cslt_fp8_ms"] = None
+        row["cslt_fp8_error"] = f"{type(exc).__name__}: {exc}"[:200]
+    values8, meta8, scale8 = kernels.compress_2to4(x, True, e4m3=True)
+    row["fp8_sparsify_ms"] = bench_graph(lambda: kernels.compress_2to4(x, True, e4m3=True))
+    cfg = kernels.choose_config(x.dtype, *x.shape, w.shape[0], operand=ops.E4M3)
+    row["fp8_config"] = [{v: k for k, v in kernels.gemm_configs().items()}[cfg[0]], cfg[1], cfg[2]]
+    row["fp8_sparse_gemm_ms"] = bench_graph(lambda: kernels.sparse_mm_compressed(values8, meta8, scale8, w8, b, out=out,
+                                                                                 col_scale=w8_scale))
+    row["fp8_e2e_ms"] = bench_graph(lambda: torch.ops.lynx.sparse_linear_e4m3(x, w8, w8_scale, b, 2, 4, True, ops.NORM_EPS))
+    y = torch.ops.lynx.sparse_linear_e4m3(x, w8, w8_scale, b, 2, 4, True, ops.NORM_EPS)
+    ref = ops.sparse_linear_e4m3_reference(x.float(), w8, w8_scale, b, 2, 4, True, ops.NORM_EPS, None)
+    row["fp8_rel_err"] = relative_error(y, ref)
+    row["fp8_nonfinite"] = int((~torch.isfinite(y)).sum().item())
+    return values8, meta8, scale8, w8, w8_scale
+
+
+def tune_configs(prefix: str, gemm) -> tuple[dict, list]:
+    """ms of ``gemm(config)`` for every configuration named ``prefix...`` and swizzle/raster; and the best."""
+    res = {}
+    for name, idx in kernels.gemm_configs().items():
+        if not name.startswith(prefix):
+            continue
+        for swz in (1, 2, 4, 8):
+            for ras in (1, 2):
+                try:
+                    ms = bench_graph(lambda config=(idx, swz, ras): gemm(config), rep=60)
+                except Exception as exc:  # noqa: BLE001
+                    ms = float("nan")
+                    print(f"  {name} {swz} {ras}: {exc}", file=sys.stderr)
+                res[f"{name}:{swz}:{ras}"] = ms
+    best = min(res, key=lambda k: res[k] if res[k] == res[k] else 1e9)
+    return res, [best, res[best]]
 
 
 def main() -> None:
@@ -181,6 +224,9 @@ def main() -> None:
         print(f"{M}x{K}->{N}: dense {r['dense_ms']:.4f} cslt {r['cslt_ms']} sparsify {r['sparsify_ms']:.4f} "
               f"gemm {r['gemm_ms']:.4f} e2e {r['e2e_ms']:.4f} err {r['rel_err']:.2e}"
               + (f" lora {r['lora_e2e_ms']:.4f} (unfolded {r['lora_unfolded_ms']:.4f})" if args.lora_rank else "")
+              + f" | fp8 dense {r['fp8_dense_ms']:.4f} (GEMM {r['fp8_gemm_ms']:.4f}) cslt-fp8 {r['cslt_fp8_ms']} "
+              f"lynx-fp8 sparsify {r['fp8_sparsify_ms']:.4f} gemm {r['fp8_sparse_gemm_ms']:.4f} e2e {r['fp8_e2e_ms']:.4f} "
+              f"err {r['fp8_rel_err']:.2e}"
               + (f" best {r['tune_best']}" if args.tune else ""), flush=True)
 
     bw_copy = copy_bandwidth()
@@ -205,14 +251,32 @@ def main() -> None:
     if args.lora_rank:
         headers[-1:-1] = [f"e2e+LoRA{args.lora_rank} ms", "LoRA folded", "LoRA unfolded"]
     print(tabulate(table, headers=headers, tablefmt="github"))
+    fp8_table = [[f"{r['M']}x{r['K']}->{r['N']}", f(r["fp8_dense_ms"]), f(r["fp8_gemm_ms"]), f(r["cslt_fp8_ms"]),
+                  f(r["fp8_sparsify_ms"]), f(r["fp8_sparse_gemm_ms"]), f(r["fp8_e2e_ms"]),
+                  f(r["fp8_dense_ms"] / r["fp8_e2e_ms"], 2), f(r["dense_ms"] / r["fp8_e2e_ms"], 2),
+                  f(r["cslt_fp8_ms"] / r["fp8_sparse_gemm_ms"], 2) if r["cslt_fp8_ms"] else "-", f"{r['fp8_rel_err']:.1e}",
+                  r["fp8_config"][0]] for r in rows]
+    print(tabulate(fp8_table, headers=["M x K -> N", "FP8 dense ms", "FP8 GEMM ms", "cuSPARSELt FP8 ms",
+                                       "e4m3 sparsify ms", "e4m3 sparse GEMM ms", "lynx-fp8 e2e ms", "over FP8 dense",
+                                       "over bf16", "GEMM over cslt FP8", "rel err", "config"], tablefmt="github"))
 
-    def geo(key):
-        sel = [r for r in rows if (r["M"], r["K"], r["N"]) in LARGE and r.get(key)]
+    def geo(key, base="dense_ms"):
+        sel = [r for r in rows if (r["M"], r["K"], r["N"]) in LARGE and r.get(key) and r.get(base)]
         if len(sel) != len(LARGE):
             return None
-        return math.exp(sum(math.log(r["dense_ms"] / r[key]) for r in sel) / len(sel))
+        return math.exp(sum(math.log(r[base] / r[key]) for r in sel) / len(sel))
 
     summary = {k: geo(k) for k in ("e2e_ms", "gemm_ms", "cslt_ms")}
+    summary |= {
+        "fp8_e2e_over_fp8_dense": geo("fp8_e2e_ms", "fp8_dense_ms"),
+        "fp8_e2e_over_bf16": geo("fp8_e2e_ms"),
+        "fp8_sparse_gemm_over_fp8_gemm": geo("fp8_sparse_gemm_ms", "fp8_gemm_ms"),
+        "fp8_dense_over_bf16": geo("fp8_dense_ms"),
+        "fp8_gemm_over_bf16": geo("fp8_gemm_ms"),
+        "cslt_fp8_over_bf16": geo("cslt_fp8_ms"),
+    }
+    slower = [f"{r['M']}x{r['K']}->{r['N']}" for r in rows if r["cslt_fp8_ms"] and r["fp8_sparse_gemm_ms"] >= r["cslt_fp8_ms"]]
+    summary["fp8_sparse_gemm_not_faster_than_cslt_fp8"] = slower
     if args.lora_rank:
         overheads = [r["lora_e2e_ms"] / r["e2e_ms"] - 1 for r in rows]
         summary["lora_overhead_max"] = max(overheads)
@@ -221,6 +285,10 @@ def main() -> None:
               f"max {100 * summary['lora_overhead_max']:+.1f}%")
     print(f"geomean speedup over cuBLAS, 13 large shapes: e2e {f(summary['e2e_ms'], 3)}  GEMM alone "
           f"{f(summary['gemm_ms'], 3)}  cuSPARSELt {f(summary['cslt_ms'], 3)}")
+    print("FP8, 13 large shapes: " + ", ".join(f"{k} {f(summary[k], 3)}" for k in (
+        "fp8_e2e_over_fp8_dense", "fp8_e2e_over_bf16", "fp8_sparse_gemm_over_fp8_gemm", "fp8_dense_over_bf16",
+        "fp8_gemm_over_bf16", "cslt_fp8_over_bf16"))
+        + f"; e4m3 sparse GEMM not faster than cuSPARSELt FP8 at {slower or 'no shape'}")
     print(f"copy bandwidth {bw_copy:.0f} GB/s; sparsify (65536x4608) {bw_sp:.0f} GB/s = "
           f"{100 * bw_sp / bw_copy:.1f}% of copy ({ms_sp:.3f} ms)")
 

@@ -61,7 +61,7 @@ from lynx_compile import LynxBackend, LynxConfig, explain  # noqa: E402
 from lynx_compile.calibrate import calibrate  # noqa: E402
 from lynx_compile.diffusion import NoiseSchedule, ddim_sample  # noqa: E402
 from lynx_compile.metrics import relative_error  # noqa: E402
-from lynx_compile.ops import keep_mask  # noqa: E402
+from lynx_compile.ops import e4m3_linear, keep_mask, pack_lora, quantize_weight_e4m3  # noqa: E402
 from lynx_compile.tools.results import write_json  # noqa: E402
 
 
@@ -92,7 +92,7 @@ QUICK = Settings(probe_images=8, sweep=(100, 500, 900), heldout_images=120, held
 class Variant:
     name: str
     kind: str
-    """``dense``, ``weight`` (pruned W) or ``activation`` (lynx)."""
+    """``dense``, ``weight`` (pruned W), ``activation`` (lynx) or ``fp8`` (every linear on FP8 dense)."""
     pattern: str = "2:4"
     compensation: str = "none"
     dense_flop_budget: float | None = None
@@ -101,6 +101,8 @@ class Variant:
     """What ranks the layers for the budget: ``layer`` (each layer's own output error,
     ``Compensation.layer_sensitivity``) or ``model`` (the whole model's error with that layer alone
     sparse, ``Compensation.model_sensitivity``), both measured by calibration on training images."""
+    precision: str = "native"
+    """``LynxConfig.precision``: "fp8" runs every linear in e4m3 (the sparse ones on the e4m3 sparse op)."""
 
     @property
     def needs_calibration(self) -> bool:
@@ -126,7 +128,10 @@ VARIANTS = (
     Variant(f"act 2:4 + norm + LoRA, B={DENSE_FLOP_BUDGET:g}", "activation", "2:4", "lora", DENSE_FLOP_BUDGET),
     Variant(f"act 2:4 + norm, B={DENSE_FLOP_BUDGET:g} by model error", "activation", "2:4", "norm", DENSE_FLOP_BUDGET, "model"),
     Variant(f"act 2:4 + norm + LoRA, B={DENSE_FLOP_BUDGET:g} by model error", "activation", "2:4", "lora", DENSE_FLOP_BUDGET,
-            "model"),
+            ranking="model"),
+    Variant("fp8 dense", "fp8", precision="fp8"),
+    Variant("fp8 act 2:4 + norm", "activation", "2:4", "norm", precision="fp8"),
+    Variant("fp8 act 2:4 + norm + LoRA", "activation", "2:4", "lora", precision="fp8"),
 )
 
 
@@ -265,9 +270,14 @@ class VariantModel:
                     weight.mul_(keep_mask(weight, n, m))
             self.pruned = {name: pruned[name] for name in layers}
         self.config = None
+        if variant.kind == "fp8":
+            # Every linear on FP8 dense: lynx at precision "fp8" with no layer sparse.
+            self.config = harness.base_config(precision="fp8", sparse_roles=frozenset())
+            self.backend = LynxBackend(self.config, inductor=False, warn=False)
+            model = torch.compile(model, backend=self.backend, dynamic=True)
         if variant.kind == "activation":
             self.config = harness.base_config(
-                pattern=variant.pattern, compensation=variant.compensation,
+                pattern=variant.pattern, compensation=variant.compensation, precision=variant.precision,
                 compensation_state=dict(lora) if variant.compensation == "lora" else None,
                 include=None if only is None else f"^{re.escape(only)}$",
                 **({} if variant.dense_flop_budget is None else
@@ -289,10 +299,19 @@ class VariantModel:
     def layer_output(self, name: str, layer: nn.Linear, x: Tensor) -> Tensor:
         if self.variant.kind == "weight":
             return self.pruned[name](x)
+        fp8 = self.variant.precision == "fp8"
         if self.variant.kind == "activation" and name not in self.dense_layers():
             c = self.config
             down, up = c.compensation_state[name] if c.compensation == "lora" else (None, None)
-            return torch.ops.lynx.sparse_linear(x, layer.weight, layer.bias, c.n, c.m, c.norm_compensation, c.eps, down, up)
+            if not fp8:
+                return torch.ops.lynx.sparse_linear(x, layer.weight, layer.bias, c.n, c.m, c.norm_compensation, c.eps, down, up)
+            weight = layer.weight
+            if down is not None:
+                weight, down = pack_lora(layer.weight, down.to(x.dtype), up.to(x.dtype))
+            return torch.ops.lynx.sparse_linear_e4m3(x, *quantize_weight_e4m3(weight), layer.bias, c.n, c.m,
+                                                     c.norm_compensation, c.eps, down)
+        if fp8:
+            return e4m3_linear(x, *quantize_weight_e4m3(layer.weight), layer.bias)
         return layer(x)
 
 
@@ -448,7 +467,22 @@ def findings(output: dict[str, Any]) -> dict[str, Any]:
             ("heldout_loss_within_3pct", abs(v[name]["heldout_loss_change_pct"]) <= 3.0),
             ("beats_weight_2of4_heldout_loss", v[name]["heldout_loss"] < weight["heldout_loss"]),
         )
-    }
+    } | fp8_findings(v)
+
+
+FP8_LOSS_RATIO_BOUND = 1.2
+
+
+def fp8_findings(v: dict[str, Any]) -> dict[str, Any]:
+    """FP8 against the same variant in the model's dtype: held-out loss ratios, and the LoRA one against its bound."""
+    pairs = {"dense": ("fp8 dense", "dense"), "activation_2of4_norm": ("fp8 act 2:4 + norm", "act 2:4 + norm"),
+             "activation_2of4_norm_lora": ("fp8 act 2:4 + norm + LoRA", "act 2:4 + norm + LoRA")}
+    found = {f"fp8_{key}_heldout_loss_ratio": v[fp8]["heldout_loss"] / v[native]["heldout_loss"]
+             for key, (fp8, native) in pairs.items() if fp8 in v and native in v}
+    if "fp8_activation_2of4_norm_lora_heldout_loss_ratio" in found:
+        found["fp8_activation_2of4_norm_lora_within_bound"] = (
+            found["fp8_activation_2of4_norm_lora_heldout_loss_ratio"] <= FP8_LOSS_RATIO_BOUND)
+    return found
 
 
 def budget_variant_names(output: dict[str, Any]) -> list[str]:
@@ -492,6 +526,13 @@ def findings_text(found: dict[str, Any]) -> str:
             f"{found[f'{key}_heldout_loss_change_pct']:+.2f}% (within 3%: {holds(f'{key}_heldout_loss_within_3pct')}; "
             f"lower than weight 2:4: {holds(f'{key}_beats_weight_2of4_heldout_loss')})"
         )
+    for key, what in (("dense", "dense"), ("activation_2of4_norm", "act 2:4 + norm"),
+                      ("activation_2of4_norm_lora", "act 2:4 + norm + LoRA")):
+        if f"fp8_{key}_heldout_loss_ratio" in found:
+            lines.append(f"- held-out loss of FP8 {what} over {what} in the model's dtype: "
+                         f"{found[f'fp8_{key}_heldout_loss_ratio']:.3f}x")
+    if "fp8_activation_2of4_norm_lora_within_bound" in found:
+        lines[-1] += f" (within {FP8_LOSS_RATIO_BOUND:g}x: {holds('fp8_activation_2of4_norm_lora_within_bound')})"
     return "\n".join(lines)
 
 

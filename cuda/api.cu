@@ -7,7 +7,7 @@
 #include "gemm_params.h"
 #include "lynx_api.h"
 
-#define LYNX_CONFIG(NAME, IS_BF16)                                     \
+#define LYNX_CONFIG(NAME, GEMM_TYPE)                                   \
   int lynx_gemm_##NAME##_run(const LynxGemmParams& p, cudaStream_t s); \
   size_t lynx_gemm_##NAME##_ws(const LynxGemmParams& p);
 #include "configs.inc"
@@ -16,11 +16,11 @@
 namespace {
 struct ConfigEntry {
   const char* name;
-  int is_bf16;
+  int gemm_type;
   int (*run)(const LynxGemmParams&, cudaStream_t);
   size_t (*ws)(const LynxGemmParams&);
 };
-#define LYNX_CONFIG(NAME, IS_BF16) {#NAME, IS_BF16, lynx_gemm_##NAME##_run, lynx_gemm_##NAME##_ws},
+#define LYNX_CONFIG(NAME, GEMM_TYPE) {#NAME, GEMM_TYPE, lynx_gemm_##NAME##_run, lynx_gemm_##NAME##_ws},
 const ConfigEntry kConfigs[] = {
 #include "configs.inc"
 };
@@ -58,13 +58,25 @@ TileChoice choose_tile(int M, int N, int layer_k) {
   return {kFallback.large_tile, 1, 1};
 }
 
-// The index of <dtype>_<tile>; a tile given with a dtype prefix has it replaced. -1 when there is none.
-int config_index(int is_bf16, const char* tile) {
-  if (strncmp(tile, "bf16_", 5) == 0 || strncmp(tile, "fp16_", 5) == 0) tile += 5;
+// The configuration-name prefix of each GEMM type, indexed by LYNX_GEMM_*.
+constexpr const char* kGemmTypePrefix[] = {"fp16_", "bf16_", "e4m3_fp16_", "e4m3_bf16_"};
+constexpr int kNumGemmTypes = sizeof(kGemmTypePrefix) / sizeof(kGemmTypePrefix[0]);
+
+// The index of the configuration of this GEMM type and tile; a tile given with a GEMM-type prefix has it replaced.
+// -1 when there is none.
+int config_index(int gemm_type, const char* tile) {
+  if (gemm_type < 0 || gemm_type >= kNumGemmTypes) return -1;
+  for (const char* prefix : kGemmTypePrefix) {
+    // No prefix starts another one, so at most one matches.
+    if (strncmp(tile, prefix, strlen(prefix)) == 0) {
+      tile += strlen(prefix);
+      break;
+    }
+  }
   char name[96];
-  snprintf(name, sizeof(name), "%s_%s", is_bf16 ? "bf16" : "fp16", tile);
+  snprintf(name, sizeof(name), "%s%s", kGemmTypePrefix[gemm_type], tile);
   for (int i = 0; i < kNumConfigs; ++i) {
-    if (strcmp(kConfigs[i].name, name) == 0) return i;
+    if (strcmp(kConfigs[i].name, name) == 0 && kConfigs[i].gemm_type == gemm_type) return i;
   }
   return -1;
 }
@@ -102,7 +114,9 @@ ConfigOverride read_override() {
     if (*rest != '\0') return o;
   }
   const bool swizzle_ok = o.swizzle == 1 || o.swizzle == 2 || o.swizzle == 4 || o.swizzle == 8;
-  o.valid = swizzle_ok && o.raster >= 0 && o.raster <= 2 && config_index(1, o.tile) >= 0 && config_index(0, o.tile) >= 0;
+  bool every_type = true;
+  for (int gemm_type = 0; gemm_type < kNumGemmTypes; ++gemm_type) every_type &= config_index(gemm_type, o.tile) >= 0;
+  o.valid = swizzle_ok && o.raster >= 0 && o.raster <= 2 && every_type;
   return o;
 }
 
@@ -144,13 +158,13 @@ LYNX_API long long lynx_sparse_gemm_workspace(int config, int M, int N, int K, i
   return static_cast<long long>(kConfigs[config].ws(p));
 }
 
-LYNX_API int lynx_gemm_plan(int is_bf16, int M, int N, int K, int layer_k, int sm_count, LynxGemmPlan* plan) {
+LYNX_API int lynx_gemm_plan(int gemm_type, int M, int N, int K, int layer_k, int sm_count, LynxGemmPlan* plan) {
   if (plan == nullptr || M < 0 || N < 0 || K <= 0 || layer_k <= 0) return LYNX_ERR_BAD_ARGUMENT;
   const ConfigOverride& forced = config_override();
   if (forced.set && !forced.valid) return LYNX_ERR_BAD_OVERRIDE;
   const TileChoice choice = forced.set ? TileChoice{forced.tile, forced.swizzle, forced.raster}
                                        : choose_tile(M, N, layer_k);
-  const int config = config_index(is_bf16, choice.tile);
+  const int config = config_index(gemm_type, choice.tile);
   if (config < 0) return LYNX_ERR_NO_CONFIG;
   const long long workspace = lynx_sparse_gemm_workspace(config, M, N, K, sm_count);
   if (workspace < 0) return LYNX_ERR_NO_CONFIG;
@@ -159,11 +173,12 @@ LYNX_API int lynx_gemm_plan(int is_bf16, int M, int N, int K, int layer_k, int s
 }
 
 LYNX_API int lynx_sparse_gemm(int config, const void* a_comp, const void* e, const void* w, const float* scale,
-                              const void* bias, void* d, int M, int N, int K, int swizzle, int raster, int device_id,
-                              int sm_count, int pdl, void* workspace, size_t workspace_bytes, cudaStream_t stream) {
+                              const float* col_scale, const void* bias, void* d, int M, int N, int K, int swizzle,
+                              int raster, int device_id, int sm_count, int pdl, void* workspace,
+                              size_t workspace_bytes, cudaStream_t stream) {
   if (config < 0 || config >= kNumConfigs) return LYNX_ERR_NO_CONFIG;
   if (M == 0 || N == 0) return LYNX_OK;
-  LynxGemmParams p{a_comp, e, w, scale, bias, d, M, N, K, swizzle, raster, device_id, sm_count, pdl, workspace,
-                   workspace_bytes};
+  LynxGemmParams p{a_comp, e, w, scale, col_scale, bias, d, M, N, K, swizzle, raster, device_id, sm_count, pdl,
+                   workspace, workspace_bytes};
   return kConfigs[config].run(p, stream);
 }

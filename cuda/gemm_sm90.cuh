@@ -1,9 +1,12 @@
 // lynx: sm90 2:4-sparse GEMM (wgmma.sp via CUTLASS 3.x CollectiveBuilder, OpClassSparseTensorOp).
-//   D[M,N] = s[m] * (A~[M,K] . W[N,K]^T) + bias[n]
+//   D[M,N] = s[m] * (A~[M,K] . W[N,K]^T) + bias[n]                 16-bit operands
+//   D[M,N] = s[m] * (c[n] * (A~[M,K] . W[N,K]^T)) + bias[n]        e4m3 operands, c the weight's per-column scale
 // A~ (the sparsified activation) is the sparse operand: compressed values (M x K/2, row-major) plus metadata E
 // in CUTLASS's sm90 layout (see sparsify.cu). W is the dense operand, row-major (N x K) = K-major.
-// Epilogue (EVT): per-row fp32 scale, per-column bias (nullptr -> 0). A folded LoRA term arrives as extra K columns
-// of A~ and W (see sparsify.cu), so the epilogue has no source operand.
+// Epilogue (EVT): per-row fp32 scale, per-column fp32 scale (e4m3 only), per-column bias in the output dtype (every
+// pointer nullptr -> 1, 1 and 0). A folded LoRA term arrives as extra K columns of A~ and W (see sparsify.cu), so the
+// epilogue has no source operand. e4m3 configurations accumulate with the FP8 fast-accumulation schedules, as
+// rowwise-scaled FP8 inference GEMMs usually do.
 #pragma once
 #include <cuda_runtime.h>
 
@@ -29,34 +32,46 @@ namespace lynx {
 
 using namespace cute;
 
-template <class Element, class TileShape, class ClusterShape, class KernelSchedule, class EpilogueSchedule,
-          class TileScheduler = void>
+template <class ElementOperand, class ElementOut, class TileShape, class ClusterShape, class KernelSchedule,
+          class EpilogueSchedule, class TileScheduler = void>
 struct SparseGemm {
-  using ElementA = Element;
-  using ElementB = Element;
-  using ElementD = Element;
+  using ElementA = ElementOperand;
+  using ElementB = ElementOperand;
+  using ElementD = ElementOut;
   using ElementC = void;
   using ElementAcc = float;
   using ElementCompute = float;
   using LayoutA = cutlass::layout::RowMajor;
   using LayoutB = cutlass::layout::ColumnMajor;  // (K x N) column-major == W (N x K) row-major
   using LayoutD = cutlass::layout::RowMajor;
-  static constexpr int kAlign = 8;
+  static constexpr bool kE4M3 = cute::sizeof_bits_v<ElementOperand> == 8;
+  // In elements: 16 bytes of W and D; A's alignment counts logical (uncompressed) columns.
+  static constexpr int kAlignA = kE4M3 ? 32 : 8;
+  static constexpr int kAlignB = kE4M3 ? 16 : 8;
+  static constexpr int kAlignD = 8;
   static constexpr auto RN = cutlass::FloatRoundStyle::round_to_nearest;
 
   using ScaleCol = cutlass::epilogue::fusion::Sm90ColBroadcast<0, TileShape, float, float, Stride<_1, _0, int64_t>, 1>;
-  using BiasRow = cutlass::epilogue::fusion::Sm90RowBroadcast<0, TileShape, Element, float, Stride<_0, _1, int64_t>, kAlign>;
+  using WeightScaleRow = cutlass::epilogue::fusion::Sm90RowBroadcast<0, TileShape, float, float, Stride<_0, _1, int64_t>, 4>;
+  using BiasRow = cutlass::epilogue::fusion::Sm90RowBroadcast<0, TileShape, ElementD, float, Stride<_0, _1, int64_t>, kAlignD>;
+  // The product the row scale multiplies: the accumulator, times the weight's column scale for e4m3.
+  using Product = cute::conditional_t<
+      kE4M3,
+      cutlass::epilogue::fusion::Sm90EVT<
+          cutlass::epilogue::fusion::Sm90Compute<cutlass::multiplies, ElementCompute, ElementCompute, RN>,
+          WeightScaleRow, cutlass::epilogue::fusion::Sm90AccFetch>,
+      cutlass::epilogue::fusion::Sm90AccFetch>;
   using EVT = cutlass::epilogue::fusion::Sm90EVT<
       cutlass::epilogue::fusion::Sm90Compute<cutlass::homogeneous_multiply_add, ElementD, ElementCompute, RN>,
-      ScaleCol, cutlass::epilogue::fusion::Sm90AccFetch, BiasRow>;
+      ScaleCol, Product, BiasRow>;
 
   using CollectiveEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassSparseTensorOp, TileShape, ClusterShape,
       cutlass::epilogue::collective::EpilogueTileAuto, ElementAcc, ElementCompute,
-      ElementC, LayoutD, kAlign, ElementD, LayoutD, kAlign, EpilogueSchedule, EVT>::CollectiveOp;
+      ElementC, LayoutD, kAlignD, ElementD, LayoutD, kAlignD, EpilogueSchedule, EVT>::CollectiveOp;
 
   using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
-      cutlass::arch::Sm90, cutlass::arch::OpClassSparseTensorOp, ElementA, LayoutA, kAlign, ElementB, LayoutB, kAlign,
+      cutlass::arch::Sm90, cutlass::arch::OpClassSparseTensorOp, ElementA, LayoutA, kAlignA, ElementB, LayoutB, kAlignB,
       ElementAcc, TileShape, ClusterShape,
       cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(sizeof(typename CollectiveEpilogue::SharedStorage))>,
       KernelSchedule>::CollectiveOp;
@@ -82,8 +97,13 @@ struct SparseGemm {
     args.mainloop = {static_cast<const ElementA*>(p.a_comp), layout_a, static_cast<const ElementB*>(p.w), stride_b,
                      static_cast<const typename CollectiveMainloop::ElementE*>(p.e), layout_e};
     typename ScaleCol::Arguments scale_args{p.scale, 1.0f, {}};
-    typename BiasRow::Arguments bias_args{static_cast<const Element*>(p.bias), Element(0), {}};
-    args.epilogue.thread = {scale_args, {}, bias_args, {}};
+    typename BiasRow::Arguments bias_args{static_cast<const ElementD*>(p.bias), ElementD(0), {}};
+    if constexpr (kE4M3) {
+      typename WeightScaleRow::Arguments col_scale_args{p.col_scale, 1.0f, {}};
+      args.epilogue.thread = {scale_args, {col_scale_args, {}, {}}, bias_args, {}};
+    } else {
+      args.epilogue.thread = {scale_args, {}, bias_args, {}};
+    }
     args.epilogue.ptr_C = nullptr;
     args.epilogue.dC = stride_c;
     args.epilogue.ptr_D = static_cast<ElementD*>(p.d);

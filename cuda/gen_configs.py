@@ -7,22 +7,34 @@ files are checked in, and tests/test_kernels.py checks that they match this file
 import pathlib
 import sys
 
-COOP = ("cutlass::gemm::KernelTmaWarpSpecializedCooperative", "cutlass::epilogue::TmaWarpSpecializedCooperative")
-PP = ("cutlass::gemm::KernelTmaWarpSpecializedPingpong", "cutlass::epilogue::TmaWarpSpecialized")
-DTYPES = {"bf16": "cutlass::bfloat16_t", "fp16": "cutlass::half_t"}
-# tile: (tile M, tile N, cluster M, cluster N, schedule[, tile scheduler]); compiled for every dtype as <dtype>_<tile>.
+# schedule -> (mainloop schedule, epilogue schedule); e4m3 mainloops use the FP8 fast-accumulation variant.
+SCHEDULES = {
+    "coop": ("cutlass::gemm::KernelTmaWarpSpecializedCooperative", "cutlass::epilogue::TmaWarpSpecializedCooperative"),
+    "pp": ("cutlass::gemm::KernelTmaWarpSpecializedPingpong", "cutlass::epilogue::TmaWarpSpecialized"),
+}
+FP8_MAINLOOP_SUFFIX = "FP8FastAccum"
+# GEMM type (the prefix of its configurations) -> (operand type, output type, LYNX_GEMM_* of cuda/lynx_api.h).
+GEMM_TYPES = {
+    "bf16": ("cutlass::bfloat16_t", "cutlass::bfloat16_t", "LYNX_GEMM_BF16"),
+    "fp16": ("cutlass::half_t", "cutlass::half_t", "LYNX_GEMM_FP16"),
+    "e4m3_bf16": ("cutlass::float_e4m3_t", "cutlass::bfloat16_t", "LYNX_GEMM_E4M3_BF16"),
+    "e4m3_fp16": ("cutlass::float_e4m3_t", "cutlass::half_t", "LYNX_GEMM_E4M3_FP16"),
+}
+# tile: (tile M, tile N, cluster M, cluster N, schedule); compiled for every GEMM type as <type>_<tile>, with tile
+# K = 128 logical columns (the CUTLASS generator's choice for sparse FP8 too).
 # (Tried and dropped, never best on H100: 128x256 1x2, 128x128 2x1, 256x128 2x2; stream-K does not compile
 # with the sparse mainloop in CUTLASS 4.2.)
 TILES = {
-    "128x128_c1x2_coop": (128, 128, 1, 2, COOP),
-    "128x128_c1x2_pp": (128, 128, 1, 2, PP),
-    "256x128_c2x1_coop": (256, 128, 2, 1, COOP),
-    "256x128_c1x2_coop": (256, 128, 1, 2, COOP),
+    "128x128_c1x2_coop": (128, 128, 1, 2, "coop"),
+    "128x128_c1x2_pp": (128, 128, 1, 2, "pp"),
+    "256x128_c2x1_coop": (256, 128, 2, 1, "coop"),
+    "256x128_c1x2_coop": (256, 128, 1, 2, "coop"),
 }
-CONFIGS = {f"{dt}_{tile}": (dt, *spec) for dt in DTYPES for tile, spec in TILES.items()}
+CONFIGS = {f"{gemm_type}_{tile}": (gemm_type, *spec) for gemm_type in GEMM_TYPES for tile, spec in TILES.items()}
 
-# Measured best (tile, swizzle, raster) on H100 SXM (benchmarks/gemm.py --tune), keyed on (M, N, K) with K the
-# layer's own in_features. raster: 1 = along M, 2 = along N, 0 = CUTLASS heuristic.
+# Measured best (tile, swizzle, raster) of the bf16 GEMM on H100 SXM (benchmarks/gemm.py --tune), keyed on (M, N, K)
+# with K the layer's own in_features, and used for every GEMM type. raster: 1 = along M, 2 = along N, 0 = CUTLASS
+# heuristic.
 TUNED = {
     (4096, 3456, 1152): ("128x128_c1x2_pp", 1, 1),
     (4096, 1152, 1152): ("128x128_c1x2_pp", 1, 1),
@@ -62,14 +74,17 @@ def generate() -> dict[str, str]:
     for key in ("short_k_tile", "long_k_tile", "large_tile"):
         assert FALLBACK[key] in TILES, f"FALLBACK[{key!r}] names unknown tile {FALLBACK[key]}"
     files = {}
-    for name, (dt, tm, tn, cm, cn, (ks, es), *sched) in CONFIGS.items():
-        sched_arg = f", {sched[0]}" if sched else ""
+    for name, (gemm_type, tm, tn, cm, cn, schedule) in CONFIGS.items():
+        operand, output, _ = GEMM_TYPES[gemm_type]
+        mainloop, epilogue = SCHEDULES[schedule]
+        if operand == "cutlass::float_e4m3_t":
+            mainloop += FP8_MAINLOOP_SUFFIX
         files[f"gemm_cfg_{name}.cu"] = (
             HEADER + "#include \"gemm_sm90.cuh\"\n"
-            f"LYNX_DEFINE_GEMM({name}, {DTYPES[dt]}, cute::Shape<cute::_{tm}, cute::_{tn}, cute::_128>,\n"
-            f"                 cute::Shape<cute::_{cm}, cute::_{cn}, cute::_1>, {ks}, {es}{sched_arg})\n")
+            f"LYNX_DEFINE_GEMM({name}, {operand}, {output}, cute::Shape<cute::_{tm}, cute::_{tn}, cute::_128>,\n"
+            f"                 cute::Shape<cute::_{cm}, cute::_{cn}, cute::_1>, {mainloop}, {epilogue})\n")
     files["configs.inc"] = HEADER + "".join(
-        f'LYNX_CONFIG({name}, {1 if dt == "bf16" else 0})\n' for name, (dt, *_) in CONFIGS.items())
+        f"LYNX_CONFIG({name}, {GEMM_TYPES[gemm_type][2]})\n" for name, (gemm_type, *_) in CONFIGS.items())
     large_m, large_n = TILES[FALLBACK["large_tile"]][:2]
     tuned = "".join(f'    {{{m}, {n}, {k}, "{tile}", {swizzle}, {raster}}},\n'
                     for (m, n, k), (tile, swizzle, raster) in TUNED.items())

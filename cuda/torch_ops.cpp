@@ -1,4 +1,5 @@
-// lynx: the CUDA kernels of lynx::sparse_linear, lynx::sparse_linear_lora and lynx::producer_sparse_linear, in C++.
+// lynx: the CUDA kernels of lynx::sparse_linear, lynx::sparse_linear_lora, lynx::producer_sparse_linear and
+// lynx::sparse_linear_e4m3, in C++.
 //
 // A DiT forward calls these ops once per sparse layer, and without CUDA graphs its speed is set by host
 // time: the same work in Python (allocations, ctypes marshalling, stream lookups) costs about three times
@@ -38,16 +39,18 @@ struct Library {
   decltype(&::lynx_status_string) lynx_status_string = nullptr;
   decltype(&::lynx_metadata_bytes) lynx_metadata_bytes = nullptr;
   decltype(&::lynx_sparsify_2to4) lynx_sparsify_2to4 = nullptr;
+  decltype(&::lynx_sparsify_2to4_e4m3) lynx_sparsify_2to4_e4m3 = nullptr;
   decltype(&::lynx_gemm_plan) lynx_gemm_plan = nullptr;
   decltype(&::lynx_sparse_gemm) lynx_sparse_gemm = nullptr;
 };
 Library g_lib;
 std::atomic<bool> g_ready{false};  // every entry point resolved
 bool g_pdl = true;
-// The Python kernels of the three ops.
+// The Python kernels of the four ops.
 py::object* g_fallback_linear = nullptr;
 py::object* g_fallback_lora = nullptr;
 py::object* g_fallback_producer = nullptr;
+py::object* g_fallback_e4m3 = nullptr;
 
 using PlanKey = std::array<int64_t, 6>;
 struct PlanKeyHash {
@@ -84,15 +87,15 @@ void check(int status, const char* what) {
   TORCH_CHECK(status == LYNX_OK, "lynx ", what, " failed with code ", status, ": ", g_lib.lynx_status_string(status));
 }
 
-LynxGemmPlan plan_for(bool is_bf16, int64_t M, int64_t N, int64_t K, int64_t layer_k, int device) {
-  const PlanKey key{is_bf16, M, N, K, layer_k, device};
+LynxGemmPlan plan_for(int gemm_type, int64_t M, int64_t N, int64_t K, int64_t layer_k, int device) {
+  const PlanKey key{gemm_type, M, N, K, layer_k, device};
   {
     std::lock_guard<std::mutex> lock(g_plan_mutex);
     auto it = g_plans.find(key);
     if (it != g_plans.end()) return it->second;
   }
   LynxGemmPlan plan{};
-  check(g_lib.lynx_gemm_plan(is_bf16, static_cast<int>(M), static_cast<int>(N), static_cast<int>(K),
+  check(g_lib.lynx_gemm_plan(gemm_type, static_cast<int>(M), static_cast<int>(N), static_cast<int>(K),
                              static_cast<int>(layer_k), kernel_sm_count(device), &plan),
         "GEMM plan");
   std::lock_guard<std::mutex> lock(g_plan_mutex);
@@ -107,13 +110,15 @@ at::Tensor aligned_contiguous(const at::Tensor& t) {
   return aligned16(c) ? c : c.clone();
 }
 
-// The kernels take the call: 2:4, bf16/fp16, one device they are compiled for, K and N multiples of what the tiles need.
+// The kernels take the call: 2:4, bf16/fp16 input, a weight of its dtype (or e4m3 for the e4m3 GEMM), one device they
+// are compiled for, K and N multiples of what the tiles need.
 bool kernel_takes(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias, int64_t n,
-                  int64_t m, int64_t in_features) {
+                  int64_t m, int64_t in_features, bool e4m3 = false) {
   if (n != 2 || m != 4 || !g_ready.load(std::memory_order_acquire)) return false;
   const auto dtype = x.scalar_type();
   if (dtype != at::kBFloat16 && dtype != at::kHalf) return false;
-  if (weight.scalar_type() != dtype || weight.device() != x.device() || weight.dim() != 2) return false;
+  const auto weight_dtype = e4m3 ? at::kFloat8_e4m3fn : dtype;
+  if (weight.scalar_type() != weight_dtype || weight.device() != x.device() || weight.dim() != 2) return false;
   if (bias && (bias->device() != x.device() || bias->dim() != 1 || bias->size(0) != weight.size(0))) return false;
   if (in_features % LYNX_K_MULTIPLE != 0 || weight.size(0) % LYNX_N_MULTIPLE != 0) return false;
   return kernel_sm_count(x.device().index()) > 0;
@@ -134,9 +139,10 @@ at::Tensor down_project(const at::Tensor& x2, const at::Tensor& lora_down) {
 }
 
 // Sparsify x (appending x . lora_down^T when given, running producer on it first when given) and run the one sparse
-// GEMM against weight (N x (K + 2r)).
+// GEMM against weight (N x (K + 2r)): e4m3 when weight_scale (the e4m3 weight's per-column scale) is given.
 at::Tensor launch(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias, bool norm,
-                  double eps, const std::optional<at::Tensor>& lora_down, const LynxProducer* producer = nullptr) {
+                  double eps, const std::optional<at::Tensor>& lora_down, const LynxProducer* producer = nullptr,
+                  const at::Tensor* weight_scale = nullptr) {
   const c10::cuda::CUDAGuard guard(x.device());
   const int device = x.device().index();
   const int64_t K = x.size(-1), N = weight.size(0);
@@ -150,29 +156,36 @@ at::Tensor launch(const at::Tensor& x, const at::Tensor& weight, const std::opti
   TORCH_CHECK(M <= INT32_MAX && K + 2 * rank <= INT32_MAX, "lynx: tensor too large for the kernels");
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
   const bool is_bf16 = x.scalar_type() == at::kBFloat16;
+  const bool e4m3 = weight_scale != nullptr;
+  const int gemm_type = e4m3 ? (is_bf16 ? LYNX_GEMM_E4M3_BF16 : LYNX_GEMM_E4M3_FP16)
+                             : (is_bf16 ? LYNX_GEMM_BF16 : LYNX_GEMM_FP16);
 
   at::Tensor tail;
   if (rank) tail = down_project(x2, *lora_down);
   const int64_t k_total = K + 2 * rank;
   const int64_t meta_bytes = g_lib.lynx_metadata_bytes(static_cast<int>(M), static_cast<int>(k_total));
-  at::Tensor values = at::empty({M, K / 2 + rank}, x.options());
+  const auto values_dtype = e4m3 ? at::kFloat8_e4m3fn : x.scalar_type();
+  at::Tensor values = at::empty({M, K / 2 + rank}, x.options().dtype(values_dtype));
   at::Tensor meta = at::empty({meta_bytes}, x.options().dtype(at::kByte));
   at::Tensor scale = at::empty({M}, x.options().dtype(at::kFloat));
-  check(g_lib.lynx_sparsify_2to4(is_bf16, x2.data_ptr(), K, static_cast<int>(M), static_cast<int>(K),
-                                 values.data_ptr(), meta.data_ptr(), scale.data_ptr<float>(), norm,
-                                 static_cast<float>(eps), rank ? tail.data_ptr() : nullptr, static_cast<int>(rank),
-                                 producer, stream),
+  const auto sparsify = e4m3 ? g_lib.lynx_sparsify_2to4_e4m3 : g_lib.lynx_sparsify_2to4;
+  check(sparsify(is_bf16, x2.data_ptr(), K, static_cast<int>(M), static_cast<int>(K), values.data_ptr(),
+                 meta.data_ptr(), scale.data_ptr<float>(), norm, static_cast<float>(eps),
+                 rank ? tail.data_ptr() : nullptr, static_cast<int>(rank), producer, stream),
         "sparsify");
 
   const at::Tensor w = aligned_contiguous(weight);
   at::Tensor b;
   if (bias) b = aligned_contiguous(bias->scalar_type() == x.scalar_type() ? *bias : bias->to(x.scalar_type()));
-  const LynxGemmPlan plan = plan_for(is_bf16, M, N, k_total, K, device);
+  at::Tensor col_scale;
+  if (e4m3) col_scale = aligned_contiguous(*weight_scale);
+  const LynxGemmPlan plan = plan_for(gemm_type, M, N, k_total, K, device);
   at::Tensor workspace;
   if (plan.workspace_bytes > 0) workspace = at::empty({plan.workspace_bytes}, x.options().dtype(at::kByte));
   check(g_lib.lynx_sparse_gemm(plan.config, values.data_ptr(), meta.data_ptr(), w.data_ptr(), scale.data_ptr<float>(),
-                               b.defined() ? b.data_ptr() : nullptr, out.data_ptr(), static_cast<int>(M),
-                               static_cast<int>(N), static_cast<int>(k_total), plan.swizzle, plan.raster, device,
+                               e4m3 ? col_scale.data_ptr<float>() : nullptr, b.defined() ? b.data_ptr() : nullptr,
+                               out.data_ptr(), static_cast<int>(M), static_cast<int>(N), static_cast<int>(k_total),
+                               plan.swizzle, plan.raster, device,
                                kernel_sm_count(device), g_pdl, workspace.defined() ? workspace.data_ptr() : nullptr,
                                static_cast<size_t>(plan.workspace_bytes), stream),
         "sparse GEMM");
@@ -244,7 +257,7 @@ at::Tensor producer_sparse_linear(const at::Tensor& x, c10::string_view producer
   int64_t samples = 1;
   const bool layer_norm = kind == LYNX_PRODUCER_LAYER_NORM;
   const bool fits = kind > 0 && x.size(-1) > 0 && weight.dim() == 2 && weight.size(1) == x.size(-1) &&
-                    (layer_norm ? x.size(-1) <= LYNX_LAYER_NORM_MAX_K : !mul && !add) &&
+                    (layer_norm ? x.size(-1) <= LYNX_WHOLE_ROW_MAX_K : !mul && !add) &&
                     producer_rows_fit(x, mul, add, samples);
   if (!fits || !kernel_takes(x, weight, bias, n, m, x.size(-1))) {
     return call_python(g_fallback_producer, x, std::string(producer), mul, add, producer_eps, weight, bias, n, m, norm,
@@ -256,6 +269,24 @@ at::Tensor producer_sparse_linear(const at::Tensor& x, c10::string_view producer
   return launch(x, weight, bias, norm, eps, std::nullopt, &fused);
 }
 
+at::Tensor sparse_linear_e4m3(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& weight_scale,
+                              const std::optional<at::Tensor>& bias, int64_t n, int64_t m, bool norm, double eps,
+                              const std::optional<at::Tensor>& lora_down) {
+  const int64_t K = x.size(-1), rank = lora_down ? lora_down->size(0) : 0;
+  // The e4m3 sparsify pass holds whole rows (LoRA columns included) and writes 16-byte aligned rows.
+  const bool lora_fits = !lora_down || (lora_down->dim() == 2 && lora_down->size(1) == K &&
+                                        lora_down->scalar_type() == x.scalar_type() &&
+                                        lora_down->device() == x.device() && lora_down->is_contiguous());
+  const bool fits = lora_fits && weight.dim() == 2 && weight.size(1) == K + 2 * rank &&
+                    (K + 2 * rank + 127) / 128 * 128 <= LYNX_WHOLE_ROW_MAX_K && rank % 16 == 0 &&
+                    (K / 2 + rank) % 16 == 0 && weight_scale.scalar_type() == at::kFloat && weight_scale.dim() == 1 &&
+                    weight_scale.size(0) == weight.size(0) && weight_scale.device() == x.device();
+  if (!fits || !kernel_takes(x, weight, bias, n, m, K, /*e4m3=*/true)) {
+    return call_python(g_fallback_e4m3, x, weight, weight_scale, bias, n, m, norm, eps, lora_down);
+  }
+  return launch(x, weight, bias, norm, eps, lora_down, nullptr, &weight_scale);
+}
+
 template <class Fn>
 void resolve(void* handle, const char* name, Fn& entry) {
   entry = reinterpret_cast<Fn>(dlsym(handle, name));
@@ -263,11 +294,12 @@ void resolve(void* handle, const char* name, Fn& entry) {
 }
 
 void init(const std::string& library_path, bool pdl, py::object fallback_linear, py::object fallback_lora,
-          py::object fallback_producer) {
+          py::object fallback_producer, py::object fallback_e4m3) {
   // Leaked on purpose: the registered kernels may run until interpreter exit.
   g_fallback_linear = new py::object(std::move(fallback_linear));
   g_fallback_lora = new py::object(std::move(fallback_lora));
   g_fallback_producer = new py::object(std::move(fallback_producer));
+  g_fallback_e4m3 = new py::object(std::move(fallback_e4m3));
   g_pdl = pdl;
   // Already loaded by ctypes: this only takes another reference to it, which is never dropped.
   void* handle = dlopen(library_path.c_str(), RTLD_NOW | RTLD_LOCAL);
@@ -278,6 +310,7 @@ void init(const std::string& library_path, bool pdl, py::object fallback_linear,
   LYNX_RESOLVE(lynx_status_string);
   LYNX_RESOLVE(lynx_metadata_bytes);
   LYNX_RESOLVE(lynx_sparsify_2to4);
+  LYNX_RESOLVE(lynx_sparsify_2to4_e4m3);
   LYNX_RESOLVE(lynx_gemm_plan);
   LYNX_RESOLVE(lynx_sparse_gemm);
 #undef LYNX_RESOLVE
@@ -293,6 +326,7 @@ TORCH_LIBRARY_IMPL(lynx, CUDA, m) {
   m.impl("sparse_linear", &sparse_linear);
   m.impl("sparse_linear_lora", &sparse_linear_lora);
   m.impl("producer_sparse_linear", &producer_sparse_linear);
+  m.impl("sparse_linear_e4m3", &sparse_linear_e4m3);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -8,11 +8,12 @@ from .backend import LynxBackend, backend, explain
 from .calibrate import Compensation, calibrate
 from .config import LynxConfig
 from .diagnostics import LynxWarning
+from .fp8 import E4M3Linear, convert_to_fp8
 from .report import LayerDecision, Report
-from .types import CompensationMode, Decision, Role
+from .types import CompensationMode, Decision, Precision, Role
 
 __all__ = [
-    "Compensation", "CompensationMode", "Decision", "LayerDecision", "LynxBackend", "LynxConfig", "LynxWarning", "Report",
-    "Role", "backend", "calibrate", "explain",
+    "Compensation", "CompensationMode", "Decision", "E4M3Linear", "LayerDecision", "LynxBackend", "LynxConfig",
+    "LynxWarning", "Precision", "Report", "Role", "backend", "calibrate", "convert_to_fp8", "explain",
 ]
 __version__ = "0.1.0"

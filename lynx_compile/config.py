@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from numbers import Real
 from typing import Any
 
-from .types import CompensationMode, Role
+from .types import CompensationMode, Precision, Role
 
 DEFAULT_SPARSE_ROLES = frozenset({Role.ATTN_QKV, Role.MLP_UP, Role.MLP_DOWN})
 
@@ -45,6 +45,13 @@ class LynxConfig:
     min_features: int = 256
     """Linears whose in_features or out_features is below this stay dense: too small to gain
     from sparse tensor cores, and the most sensitive to dropped features."""
+
+    precision: Precision = Precision.NATIVE
+    """"native": the GEMMs run in the model's dtype. "fp8": every linear layer that the FP8 GEMMs can take (bf16/fp16,
+    also fp32 on CPU; in and out features multiples of 16) runs in e4m3 with fp32 scales: activations per token at run time,
+    weights per output channel once at compile time; sparse layers on the e4m3 2:4 GEMM (the norm scale folded into
+    the token's scale), dense layers on FP8 dense (``torch._scaled_mm``). Hopper and later GPUs; elsewhere the same
+    numerics run in plain torch."""
 
     compensation_state: Mapping[str, tuple[Any, Any]] | None = field(default=None, hash=False, compare=False)
     """Calibrated LoRA factors keyed by module qualified name: ``name -> (lora_down (r, K),
@@ -106,6 +113,10 @@ class LynxConfig:
             modes = tuple(mode.value for mode in CompensationMode)
             raise ValueError(f"LynxConfig.compensation: expected one of {modes}, got {self.compensation!r}")
         object.__setattr__(self, "compensation", CompensationMode(self.compensation))
+        if self.precision not in tuple(Precision):
+            choices = tuple(precision.value for precision in Precision)
+            raise ValueError(f"LynxConfig.precision: expected one of {choices}, got {self.precision!r}")
+        object.__setattr__(self, "precision", Precision(self.precision))
         if self.compensation == "lora" and self.compensation_state is None:
             raise ValueError(
                 "LynxConfig.compensation_state: compensation='lora' needs calibrated LoRA factors "

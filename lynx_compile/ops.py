@@ -315,3 +315,112 @@ def _(x, producer, mul, add, producer_eps, weight, bias, n, m, norm_compensation
     check_producer(x, producer, mul, add)
     check_linear(x, weight, bias, n, m, None, None)
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+E4M3 = torch.float8_e4m3fn
+E4M3_MAX = float(torch.finfo(E4M3).max)
+"""The largest finite e4m3 value (448): each row's (or weight channel's) largest magnitude is quantized to it."""
+
+
+def quantize_e4m3(values: Tensor, amax: Tensor) -> tuple[Tensor, Tensor]:
+    """``(e4m3 values, dequantization scale)`` of ``values`` whose rows have largest magnitude ``amax`` (keepdim
+    shape, fp32 or fp64): ``values * 448 / amax`` rounded to e4m3, and ``amax / 448``. An all-zero row (amax 0) gets
+    zeros and scale 0; a row holding inf or NaN gets NaN values, so it is never silently finite."""
+    multiplier = torch.where(amax > 0, E4M3_MAX / amax, torch.zeros_like(amax))
+    quantized = (values.to(amax.dtype) * multiplier).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
+    return quantized, amax / E4M3_MAX
+
+
+def quantize_weight_e4m3(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """``(weight_e4m3 (N, K), scale (N,) fp32)`` with one scale per output channel, made once per layer at compile
+    time; an all-zero channel gets scale 1."""
+    amax = weight.detach().abs().amax(dim=1, keepdim=True).float()
+    quantized, scale = quantize_e4m3(weight.detach(), amax)
+    return quantized, torch.where(amax > 0, scale, torch.ones_like(scale)).reshape(-1)
+
+
+def sparse_linear_e4m3_reference(x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Tensor | None, n: int, m: int,
+                                 norm_compensation: bool, eps: float, lora_down: Tensor | None) -> Tensor:
+    kept, scale = sparsify_reference(x, n, m, norm_compensation, eps)
+    acc = scale.dtype
+    values = kept.to(acc)
+    if lora_down is not None:
+        # The folded LoRA's tail, divided by the norm scale (which the epilogue multiplies back), takes entries 0
+        # and 1 of r/2 extra groups, as pack_lora spread lora_up over the weight's extra columns.
+        tail = (x @ lora_down.t()).to(acc) * torch.where(scale == 0, torch.zeros_like(scale), 1 / scale)
+        spread = values.new_zeros((*tail.shape[:-1], tail.shape[-1] // 2, 4))
+        spread[..., :2] = tail.reshape(*tail.shape[:-1], -1, 2)
+        values = torch.cat([values, spread.flatten(-2)], dim=-1)
+    quantized, row_scale = quantize_e4m3(values, values.abs().amax(dim=-1, keepdim=True))
+    out = (quantized.to(acc) @ weight.to(acc).t()) * (scale * row_scale) * weight_scale.to(acc)
+    if bias is not None:
+        out = out + bias.to(acc)
+    return out.to(x.dtype)
+
+
+def check_linear_e4m3(x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Tensor | None, n: int, m: int,
+                      lora_down: Tensor | None) -> None:
+    _check_pattern(x, n, m)
+    rank = 0 if lora_down is None else lora_down.shape[0]
+    torch._check(weight.dtype == E4M3, lambda: f"lynx: weight must be float8_e4m3fn, got {weight.dtype}")
+    torch._check(
+        weight.dim() == 2 and weight.shape[1] == x.shape[-1] + 2 * rank,
+        lambda: f"lynx: weight {tuple(weight.shape)} must be (out, in + 2r) = (out, {x.shape[-1] + 2 * rank}) for "
+        f"input features {x.shape[-1]} and LoRA rank {rank}",
+    )
+    torch._check(
+        weight_scale.dtype == torch.float32 and tuple(weight_scale.shape) == (weight.shape[0],),
+        lambda: f"lynx: weight_scale must be float32 ({weight.shape[0]},), got {weight_scale.dtype} {tuple(weight_scale.shape)}",
+    )
+    torch._check(x.dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64),
+                 lambda: f"lynx: input must be floating point, got {x.dtype}")
+    if lora_down is not None:
+        torch._check(
+            lora_down.dim() == 2 and lora_down.shape[1] == x.shape[-1] and rank % 2 == 0 and lora_down.dtype == x.dtype,
+            lambda: f"lynx: lora_down {tuple(lora_down.shape)} {lora_down.dtype} must be (r, {x.shape[-1]}) with r even, "
+            f"in the input's dtype {x.dtype}",
+        )
+    _check_bias(bias, weight.shape[0])
+
+
+torch.library.define(
+    "lynx::sparse_linear_e4m3",
+    "(Tensor x, Tensor weight, Tensor weight_scale, Tensor? bias, int n, int m, bool norm_compensation, float eps, "
+    "Tensor? lora_down=None) -> Tensor",
+)
+
+
+def sparse_linear_e4m3(x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Tensor | None, n: int, m: int,
+                       norm_compensation: bool, eps: float, lora_down: Tensor | None = None) -> Tensor:
+    """:func:`sparse_linear` on FP8 tensor cores: ``S(x)``'s kept values quantized to e4m3 per token (scale from their
+    largest magnitude, the norm scale folded into it), against ``weight`` in e4m3 with ``weight_scale`` per output
+    channel (:func:`quantize_weight_e4m3`). With ``lora_down``, ``weight`` is :func:`pack_lora`'s ``weight_lora``
+    quantized, and the LoRA term rides in the same GEMM, quantized with the token. Output in ``x``'s dtype."""
+    check_linear_e4m3(x, weight, weight_scale, bias, n, m, lora_down)
+    return sparse_linear_e4m3_reference(x, weight, weight_scale, bias, n, m, norm_compensation, eps, lora_down)
+
+
+torch.library.impl("lynx::sparse_linear_e4m3", "CompositeExplicitAutograd")(sparse_linear_e4m3)
+
+
+@torch.library.register_fake("lynx::sparse_linear_e4m3")
+def _(x, weight, weight_scale, bias, n, m, norm_compensation, eps, lora_down=None):
+    check_linear_e4m3(x, weight, weight_scale, bias, n, m, lora_down)
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def e4m3_linear(x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Tensor | None = None) -> Tensor:
+    """FP8 dense ``linear``: ``x`` quantized to e4m3 per token at run time, against ``weight`` quantized per output
+    channel (:func:`quantize_weight_e4m3`), one rowwise-scaled ``torch._scaled_mm`` with fast accumulation, output
+    in ``x``'s dtype. Registered as ``lynx::e4m3_linear`` with this function as its CompositeImplicitAutograd kernel:
+    the lynx passes see one op per layer, and Inductor sees the plain ops and fuses the quantization into the kernel
+    that produces ``x``, as it does for FP8 inference recipes built the same way."""
+    x2 = x.reshape(-1, x.shape[-1])
+    quantized, scale = quantize_e4m3(x2, x2.abs().amax(dim=-1, keepdim=True).float())
+    out = torch._scaled_mm(quantized, weight.t(), scale_a=scale, scale_b=weight_scale.reshape(1, -1), bias=bias,
+                           out_dtype=x.dtype, use_fast_accum=True)
+    return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
+torch.library.define("lynx::e4m3_linear", "(Tensor x, Tensor weight, Tensor weight_scale, Tensor? bias=None) -> Tensor")
+torch.library.impl("lynx::e4m3_linear", "CompositeImplicitAutograd")(e4m3_linear)

@@ -33,6 +33,8 @@ class LayerDecision:
     error: float | None = None
     """Measured relative error of this layer when sparsified, from ``LynxConfig.sensitivity``
     (the whole model's or the layer's own, see there); None when not measured."""
+    precision: str | None = None
+    """What the layer's GEMM runs in: the model's dtype (``bfloat16``...) or ``e4m3``."""
     producer: str | None = None
     """For a sparse layer: the kernel producing its input that runs inside its sparsify step
     (``fused layer_norm``...), or why none does (``not fused: ...``)."""
@@ -72,26 +74,31 @@ class Report:
         return sum(f for f, d in flops if d == Decision.SPARSE) / total if total else 0.0
 
     def table(self, tablefmt: str = "simple", detailed: bool = False) -> str:
-        """The per-layer table. ``detailed`` (lynx-dump) adds compensation, measured error and
-        the GFLOP each layer moves to the sparse path; otherwise the error column only appears
-        once sensitivities were given, as most reports have none."""
+        """The per-layer table. ``detailed`` (lynx-dump) adds compensation, precision, measured error
+        and the GFLOP each layer moves to the sparse path; otherwise the error column only appears
+        once sensitivities were given, and the precision column once a layer runs in e4m3, as most
+        reports have neither."""
         errors = any(layer.error is not None for layer in self.layers)
+        precisions = any(layer.precision == "e4m3" for layer in self.layers)
 
         def error(layer: LayerDecision) -> str:
             return "-" if layer.error is None else f"{layer.error:.3f}"
 
         if detailed:
-            headers = ("layer", "M x K -> N", "role", "decision", "reason", "producer", "compensation", "error",
-                       "sparse GFLOP")
+            headers = ("layer", "M x K -> N", "role", "decision", "reason", "producer", "compensation", "precision",
+                       "error", "sparse GFLOP")
             rows = [
-                (*_shape(layer), layer.decision, layer.reason, layer.producer or "-", layer.compensation or "-", error(layer),
+                (*_shape(layer), layer.decision, layer.reason, layer.producer or "-", layer.compensation or "-",
+                 layer.precision or "-", error(layer),
                  f"{(layer.flops or 0) / 1e9 if layer.decision == Decision.SPARSE else 0.0:.3f}")
                 for layer in self.layers
             ]
         else:
-            headers = ("layer", "M x K -> N", "role", *(("error",) if errors else ()), "decision", "reason")
+            headers = ("layer", "M x K -> N", "role", *(("error",) if errors else ()), "decision",
+                       *(("precision",) if precisions else ()), "reason")
             rows = [
-                (*_shape(layer), *((error(layer),) if errors else ()), layer.decision, layer.reason)
+                (*_shape(layer), *((error(layer),) if errors else ()), layer.decision,
+                 *((layer.precision or "-",) if precisions else ()), layer.reason)
                 for layer in self.layers
             ]
         return tabulate(rows, headers=headers, tablefmt=tablefmt)

@@ -1,4 +1,4 @@
-"""The names lynx decides with: a linear layer's role, its decision, the compensation mode.
+"""The names lynx decides with: a linear layer's role, its decision, the compensation mode, the GEMM precision.
 
 Each is a string enum, so it compares equal to its plain value (``role == "attn_qkv"``), prints
 and formats as that value, and goes into JSON as a string.
@@ -64,7 +64,17 @@ class CompensationMode(_Name):
     LORA = "lora"
 
 
+class Precision(_Name):
+    """What the linear layers' GEMMs run in (``LynxConfig.precision``)."""
+
+    NATIVE = "native"
+    """The model's own dtype (bf16, fp16 or fp32)."""
+    FP8 = "fp8"
+    """e4m3 activations and weights with fp32 scales (per token, per output channel), output in the model's dtype:
+    the sparse layers on the e4m3 sparse GEMM, the dense layers on FP8 dense (``torch._scaled_mm``)."""
+
+
 __all__ = [
     "INPUT_FROM_GRAPH_BREAK", "NOT_MATCHED_BY_INCLUDE", "OUTPUT_TO_GRAPH_BREAK", "ROLE_DENSE_REASONS", "CompensationMode",
-    "Decision", "Role",
+    "Decision", "Precision", "Role",
 ]

@@ -30,6 +30,7 @@ def test_defaults_follow_the_paper():
         ({"min_features": -1}, "min_features"),
         ({"min_features": 1.5}, "min_features"),
         ({"eps": 0}, "eps"),
+        ({"precision": "int8"}, "precision"),
     ],
 )
 def test_bad_values_name_the_field(kwargs, field):

@@ -114,3 +114,68 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.lynx.sparse_linear.default, (x, w, None, 1, 4, False, 1e-12, down, up))
     weight_lora, down = ops.pack_lora(w, down, up)
     torch.library.opcheck(torch.ops.lynx.sparse_linear_lora.default, (x, weight_lora, b, 2, 4, True, 1e-12, down))
+
+
+def test_e4m3_weight_quantization_is_per_output_channel():
+    w = torch.randn(6, 64) * torch.logspace(-3, 3, 6)[:, None]
+    w[2] = 0
+    w8, scale = ops.quantize_weight_e4m3(w)
+    assert w8.dtype == ops.E4M3 and scale.shape == (6,) and scale.dtype == torch.float32
+    assert scale[2] == 1 and (w8[2].float() == 0).all()
+    assert torch.allclose(w8.float().abs().amax(dim=1)[[0, 1, 3, 4, 5]], torch.full((5,), ops.E4M3_MAX))
+    assert relative_error(w8.float() * scale[:, None], w) < 0.05
+
+
+def test_e4m3_linear_zero_tokens_give_the_bias_and_lora_rides_in_the_gemm():
+    torch.manual_seed(0)
+    x = torch.randn(4, 128, dtype=torch.bfloat16)
+    x[1] = 0
+    w = torch.randn(64, 128, dtype=torch.bfloat16) / 11
+    down, up = torch.randn(8, 128, dtype=torch.bfloat16) / 11, torch.randn(64, 8, dtype=torch.bfloat16) / 3
+    b = torch.randn(64, dtype=torch.bfloat16)
+    weight_lora, down_padded = ops.pack_lora(w, down, up)
+    w8, scale = ops.quantize_weight_e4m3(weight_lora)
+    out = torch.ops.lynx.sparse_linear_e4m3(x, w8, scale, b, 2, 4, True, ops.NORM_EPS, down_padded)
+    torch.testing.assert_close(out[1], b)
+    bf16 = torch.ops.lynx.sparse_linear(x, w, b, 2, 4, True, ops.NORM_EPS, down, up)
+    assert relative_error(out, bf16) < 0.06
+
+
+@pytest.mark.parametrize("bad,match", [
+    ({"weight": "bf16"}, "float8_e4m3fn"),
+    ({"weight_scale": "shape"}, "weight_scale"),
+    ({"lora_down": "rank"}, r"in \+ 2r"),
+])
+def test_e4m3_op_bad_arguments_raise(bad, match):
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    w8, scale = ops.quantize_weight_e4m3(torch.randn(32, 64))
+    lora_down = None
+    if bad.get("weight") == "bf16":
+        w8 = w8.to(torch.bfloat16)
+    if bad.get("weight_scale") == "shape":
+        scale = scale[:5]
+    if bad.get("lora_down") == "rank":
+        lora_down = torch.randn(8, 64, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.lynx.sparse_linear_e4m3(x, w8, scale, None, 2, 4, True, ops.NORM_EPS, lora_down)
+
+
+def test_e4m3_opcheck():
+    x = torch.randn(2, 5, 128, dtype=torch.bfloat16)
+    w8, scale = ops.quantize_weight_e4m3(torch.randn(48, 128))
+    # torch's schema check compares the e4m3 inputs with allclose, which float8 tensors do not support on CPU.
+    torch.library.opcheck(torch.ops.lynx.sparse_linear_e4m3.default, (x, w8, scale, None, 2, 4, True, ops.NORM_EPS),
+                          test_utils=("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic"))
+
+
+def test_e4m3_linear_is_the_rowwise_scaled_product():
+    x = torch.randn(2, 7, 64, dtype=torch.bfloat16)
+    x[0, 3] = 0
+    w8, scale = ops.quantize_weight_e4m3(torch.randn(32, 64))
+    b = torch.randn(32, dtype=torch.bfloat16)
+    out = ops.e4m3_linear(x, w8, scale, b)
+    amax = x.float().abs().amax(-1, keepdim=True)
+    q, x_scale = ops.quantize_e4m3(x, amax)
+    expected = (q.float() * x_scale) @ (w8.float() * scale[:, None]).t() + b.float()
+    assert out.shape == (2, 7, 32) and out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), expected, rtol=2e-2, atol=2e-2)

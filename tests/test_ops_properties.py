@@ -64,3 +64,22 @@ def test_sparse_linear_is_the_masked_dense_product(case, out_features, norm):
     torch.testing.assert_close(out, expected, equal_nan=True, rtol=2e-2 if x.dtype != torch.float32 else 1e-4, atol=1e-3)
     rows_with_nan = x.isnan().any(-1)
     assert out[rows_with_nan].isnan().all(), "a NaN anywhere in a token poisons its output row"
+
+
+@settings(max_examples=60, deadline=None)
+@given(activations(), st.integers(1, 5), st.booleans())
+def test_sparse_linear_e4m3_is_the_quantized_masked_product(case, out_features, norm):
+    """The e4m3 op is the masked product of the per-token e4m3 kept values and the per-channel e4m3 weight, and a
+    non-finite token comes out non-finite."""
+    x, n, m = case
+    torch.manual_seed(0)
+    w8, w_scale = ops.quantize_weight_e4m3(torch.randn(out_features, x.shape[1]))
+    out = torch.ops.lynx.sparse_linear_e4m3(x, w8, w_scale, None, n, m, norm, ops.NORM_EPS)
+    kept, scale = ops.sparsify_reference(x, n, m, norm, ops.NORM_EPS)
+    amax = kept.double().abs().amax(dim=-1, keepdim=True)
+    q = (kept.double() * torch.where(amax > 0, 448 / amax, 0)).clamp(-448, 448).to(ops.E4M3)
+    expected = (q.double() @ (w8.double() * w_scale.double()[:, None]).t()) * scale.double() * amax / 448
+    assert out.shape == (x.shape[0], out_features) and out.dtype == x.dtype
+    finite = torch.isfinite(x).all(-1)
+    torch.testing.assert_close(out[finite], expected[finite].to(x.dtype), rtol=2e-2, atol=1e-3)
+    assert not torch.isfinite(out[~finite]).any(), "a token holding inf or NaN never comes out finite"

@@ -16,7 +16,7 @@ quality = importlib.import_module("quality")
 
 # The variants whose orderings are asserted; LoRA calibration is tested with calibrate itself.
 BY_MODEL_ERROR = f"act 2:4 + norm, B={quality.DENSE_FLOP_BUDGET:g} by model error"
-VARIANT_NAMES = ("dense", "weight 2:4", "act 2:4", "act 2:4 + norm", BY_MODEL_ERROR)
+VARIANT_NAMES = ("dense", "weight 2:4", "act 2:4", "act 2:4 + norm", BY_MODEL_ERROR, "fp8 act 2:4 + norm")
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +66,13 @@ def test_budget_ranked_by_model_error_keeps_the_costly_layer_dense(output):
     assert v[BY_MODEL_ERROR]["dense_layers"] == ["blocks.0.mlp.fc1"]
     assert v[BY_MODEL_ERROR]["eps_error_mean"] < 0.6 * v["act 2:4 + norm"]["eps_error_mean"]
     assert v[BY_MODEL_ERROR]["heldout_loss"] < v["weight 2:4"]["heldout_loss"]
+
+
+def test_fp8_keeps_the_quality_of_the_same_variant(output):
+    """Every linear in e4m3 (the sparse ones on the e4m3 op) costs little next to the sparsity itself."""
+    v = output["variants"]
+    assert v["fp8 act 2:4 + norm"]["heldout_loss"] < quality.FP8_LOSS_RATIO_BOUND * v["act 2:4 + norm"]["heldout_loss"]
+    assert v["fp8 act 2:4 + norm"]["eps_error_mean"] < 1.2 * v["act 2:4 + norm"]["eps_error_mean"]
 
 
 def test_sample_grid_and_json(output, tmp_path):

@@ -58,3 +58,20 @@ def test_lora_factors_that_do_not_fit_the_layer_name_it():
     config = LynxConfig(compensation="lora", compensation_state={"1": (torch.randn(8, D + 4), torch.randn(4 * D, 8))})
     with pytest.raises(Exception, match=r"LoRA factors of layer '1' do not fit its weight \(1024, 256\): lora_down \(8, 260\)"):
         compile_and_run(mlp(), config, torch.randn(2, 5, D))
+
+
+def test_precision_fp8_gives_the_e4m3_op_with_the_weight_quantized_once():
+    x = torch.randn(2, 5, D, dtype=torch.bfloat16)
+    model = mlp().to(torch.bfloat16)
+    out, backend = compile_and_run(model, LynxConfig(include="^1$", precision="fp8"), x)
+    # The sparse layer on the e4m3 sparse GEMM, the dense one on FP8 dense.
+    assert lynx_ops(backend) == ["lynx.sparse_linear_e4m3.default", "lynx.e4m3_linear.default"]
+    sparse = backend.report.layers[0]
+    assert (sparse.decision, sparse.precision) == ("sparse", "e4m3")
+    constants = {name: t for gm in backend.graph_modules for name, t in gm.named_buffers()}
+    weight8 = next(t for name, t in constants.items() if name.endswith("weight_e4m3") and t.shape == (4 * D, D))
+    w8, _ = lynx_compile.ops.quantize_weight_e4m3(model[1].weight)
+    assert torch.equal(weight8.view(torch.uint8), w8.view(torch.uint8))
+    with torch.no_grad():
+        reference, _ = compile_and_run(model, LynxConfig(include="^1$"), x)
+    assert relative_error(out, reference) < 0.08

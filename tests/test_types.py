@@ -27,6 +27,6 @@ def test_reports_serialise_the_plain_values():
     assert payload["layers"][0] | {"flops": None} == {
         "name": "blocks.0.mlp.fc1", "in_features": 256, "out_features": 1024, "tokens": 12, "role": "mlp_up",
         "decision": "sparse", "reason": "reference path (cpu)", "pattern": "2:4", "compensation": "norm", "graph": 0,
-        "error": None, "producer": None, "flops": None,
+        "error": None, "precision": None, "producer": None, "flops": None,
     }
     assert "mlp_up" in Report(layers=[layer], graphs=1).table()

@@ -26,7 +26,7 @@ import torch
 from . import abi, compilation, launch, registry, support
 from .compilation import build
 from .launch import choose_config, compress_2to4, gemm_configs, metadata_bytes, sparse_mm_compressed
-from .registry import sparse_linear_cuda, sparse_linear_lora_cuda
+from .registry import sparse_linear_cuda, sparse_linear_e4m3_cuda, sparse_linear_lora_cuda
 
 __all__ = [
     "load",
@@ -38,6 +38,7 @@ __all__ = [
     "sparse_mm_compressed",
     "sparse_linear_cuda",
     "sparse_linear_lora_cuda",
+    "sparse_linear_e4m3_cuda",
     "metadata_bytes",
     "gemm_configs",
     "choose_config",
@@ -89,7 +90,8 @@ def load() -> bool:
                 path = Path(compilation.build()).resolve()
                 launch.attach(abi.open_library(path))
                 # A bad LYNX_GEMM_CONFIG fails every plan: say so here, once, rather than at the first layer.
-                launch.gemm_plan(torch.bfloat16, 64, 64, 64, 64, torch.cuda.current_device())
+                bf16 = launch.gemm_type(torch.bfloat16, torch.bfloat16)
+                launch.gemm_plan(bf16, 64, 64, 64, 64, torch.cuda.current_device())
                 torch_ops_error = registry.register(path)
         except Exception as exc:  # noqa: BLE001 - any failure means "not available", with the reason kept
             reason = f"{type(exc).__name__}: {exc}".strip()

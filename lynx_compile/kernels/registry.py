@@ -55,9 +55,10 @@ def _reference_fallback(op: str, reason: str) -> None:
 
 
 def _launch(x: Tensor, weight: Tensor, bias: Tensor | None, norm_compensation: bool, eps: float,
-            lora_down: Tensor | None, producer: tuple | None = None) -> Tensor:
+            lora_down: Tensor | None, producer: tuple | None = None, weight_scale: Tensor | None = None) -> Tensor:
     """Sparsify x (appending ``x @ lora_down.T`` when given, applying ``producer`` = (kind, mul, add, producer_eps)
-    first when given) and run the one sparse GEMM against ``weight``."""
+    first when given) and run the one sparse GEMM against ``weight``; e4m3 where ``weight`` is (with its
+    ``weight_scale``)."""
     lead = x.shape[:-1]
     K, N = x.shape[-1], weight.shape[0]
     x2 = x.reshape(-1, K)
@@ -71,8 +72,9 @@ def _launch(x: Tensor, weight: Tensor, bias: Tensor | None, norm_compensation: b
         lora_tail = x2 @ lora_down.t() if lora_down is not None else None
         fused = None if producer is None else launch.producer(*producer)
         values, meta, scale = launch.compress_2to4(x2, norm_compensation, eps, lora_tail=lora_tail, producer=fused,
-                                                   stream=stream)
-        launch.sparse_mm_compressed(values, meta, scale, weight, bias, out=out, layer_k=K, stream=stream)
+                                                   e4m3=weight.dtype == ops.E4M3, stream=stream)
+        launch.sparse_mm_compressed(values, meta, scale, weight, bias, out=out, col_scale=weight_scale, layer_k=K,
+                                    stream=stream)
     return out.reshape(*lead, N)
 
 
@@ -109,8 +111,8 @@ def sparse_linear_lora_cuda(x: Tensor, weight_lora: Tensor, bias: Tensor | None,
 
 def _producer_reason(x: Tensor, producer: str, mul: Tensor | None, add: Tensor | None) -> str | None:
     """Why the sparsify kernel cannot run this producer (None: it can)."""
-    if producer == "layer_norm" and x.shape[-1] > launch.LAYER_NORM_MAX_K:
-        return f"layer norm over {x.shape[-1]} > {launch.LAYER_NORM_MAX_K} features"
+    if producer == "layer_norm" and x.shape[-1] > launch.WHOLE_ROW_MAX_K:
+        return f"layer norm over {x.shape[-1]} > {launch.WHOLE_ROW_MAX_K} features"
     if any(t is not None and (t.device != x.device or not t.is_contiguous()) for t in (mul, add)):
         return "producer rows not contiguous on the input's device"
     return None
@@ -130,12 +132,27 @@ def producer_sparse_linear_cuda(x: Tensor, producer: str, mul: Tensor | None, ad
     return _launch(x, weight, bias, norm_compensation, eps, None, (producer, mul, add, producer_eps))
 
 
+def sparse_linear_e4m3_cuda(x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Tensor | None, n: int, m: int,
+                            norm_compensation: bool, eps: float, lora_down: Tensor | None = None) -> Tensor:
+    """Python kernel of ``lynx::sparse_linear_e4m3``: the down-projection (with LoRA), one sparsify pass that writes
+    the e4m3 tokens, one e4m3 sparse GEMM; the reference where the kernels can't take the call."""
+    rank = 0 if lora_down is None else lora_down.shape[0]
+    reason = _runtime_reason(x, weight, n, m, (weight_scale, bias, lora_down),
+                             lambda: ops.check_linear_e4m3(x, weight, weight_scale, bias, n, m, lora_down))
+    reason = reason or support.e4m3_reason(x.shape[-1], rank)
+    if reason is not None:
+        _reference_fallback("sparse_linear_e4m3", reason)
+        return ops.sparse_linear_e4m3(x, weight, weight_scale, bias, n, m, norm_compensation, eps, lora_down)
+    return _launch(x, weight, bias, norm_compensation, eps, lora_down, weight_scale=weight_scale)
+
+
 def _register_python_kernels() -> None:
     global _python_kernels
     kernels = torch.library.Library("lynx", "IMPL")
     kernels.impl("sparse_linear", sparse_linear_cuda, "CUDA")
     kernels.impl("sparse_linear_lora", sparse_linear_lora_cuda, "CUDA")
     kernels.impl("producer_sparse_linear", producer_sparse_linear_cuda, "CUDA")
+    kernels.impl("sparse_linear_e4m3", sparse_linear_e4m3_cuda, "CUDA")
     _python_kernels = kernels
 
 
@@ -153,7 +170,8 @@ def register(library_path: Path) -> str | None:
         _register_python_kernels()
         return reason
     try:
-        module.init(str(library_path), launch.PDL, sparse_linear_cuda, sparse_linear_lora_cuda, producer_sparse_linear_cuda)
+        module.init(str(library_path), launch.PDL, sparse_linear_cuda, sparse_linear_lora_cuda, producer_sparse_linear_cuda,
+                    sparse_linear_e4m3_cuda)
     except Exception as exc:  # noqa: BLE001 - registered already, the C++ kernels hand every call to the Python ones
         reason = f"{type(exc).__name__}: {exc}".strip()[:2000]
         warnings.warn(f"lynx_compile: C++ op kernels not initialised, using the Python ones ({reason[:300]})", stacklevel=3)

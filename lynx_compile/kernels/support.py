@@ -39,3 +39,16 @@ def layer_reason(dtype: torch.dtype, in_features: int, out_features: int, n: int
     if out_features % constants["LYNX_N_MULTIPLE"] != 0:
         return f"out_features {out_features} not a multiple of {constants['LYNX_N_MULTIPLE']}"
     return None
+
+
+def e4m3_reason(in_features: int, lora_rank: int = 0) -> str | None:
+    """Why the e4m3 kernels cannot take a layer the 16-bit ones can (None: they can): the e4m3 sparsify pass holds a
+    whole row, folded LoRA columns included, in registers, and each e4m3 row must start 16-byte aligned."""
+    constants = abi.header().constants
+    columns = -(-(in_features + 2 * lora_rank) // 128) * 128
+    if columns > constants["LYNX_WHOLE_ROW_MAX_K"]:
+        return f"e4m3 sparsify holds whole rows: {in_features + 2 * lora_rank} columns > {constants['LYNX_WHOLE_ROW_MAX_K']}"
+    if lora_rank % 16 or (in_features // 2 + lora_rank) % 16:
+        return f"e4m3 rows of {in_features // 2 + lora_rank} bytes (LoRA rank {lora_rank}) are not 16-byte aligned"
+    return None
+

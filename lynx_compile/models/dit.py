@@ -50,7 +50,7 @@ class DiT(nn.Module):
         p = self.config.patch_size
         h, w = x.shape[-2] // p, x.shape[-1] // p
         x = self.x_embedder(x) + self.pos_embed.to(x.dtype)
-        c = self.t_embedder(t) + self.y_embedder(y)
+        c = self.t_embedder(t, x.dtype) + self.y_embedder(y)
         for block in self.blocks:
             x = block(x, c)
         return unpatchify(self.final_layer(x, c), h, w, p, self.config.out_channels)

@@ -137,9 +137,9 @@ class TimestepEmbedder(nn.Module):
         self.freq_dim, self.scale = freq_dim, scale
         self.mlp = Mlp(freq_dim, dim, dim, act="silu")
 
-    def forward(self, t: Tensor) -> Tensor:
-        emb = timestep_embedding(t, self.freq_dim, self.scale)
-        return self.mlp(emb.to(self.mlp.fc1.weight.dtype))
+    def forward(self, t: Tensor, dtype: torch.dtype) -> Tensor:
+        """``dtype``: the model's activations' (a weight's may be e4m3 after ``lynx_compile.convert_to_fp8``)."""
+        return self.mlp(timestep_embedding(t, self.freq_dim, self.scale).to(dtype))
 
 
 class Modulation(nn.Sequential):

@@ -157,11 +157,11 @@ class MMDiT(nn.Module):
             txt_ids = img_ids.new_zeros(*img_ids.shape[:-2], txt.shape[1], 3)
         rope = rope_freqs(torch.cat([txt_ids, img_ids], dim=-2), self.config.rope_axes, self.config.theta)
 
-        vec = self.time_in(timesteps) + self.vector_in(y)
+        vec = self.time_in(timesteps, img.dtype) + self.vector_in(y)
         if self.guidance_in is not None:
             if guidance is None:
                 raise ValueError("this MMDiT was built with guidance_embed=True: pass guidance (B,)")
-            vec = vec + self.guidance_in(guidance)
+            vec = vec + self.guidance_in(guidance, img.dtype)
         img, txt = self.img_in(img), self.txt_in(txt)
         for block in self.double_blocks:
             img, txt = block(img, txt, vec, rope)

@@ -103,7 +103,7 @@ class PixArt(nn.Module):
         p = self.config.patch_size
         h, w = x.shape[-2] // p, x.shape[-1] // p
         x = self.x_embedder(x) + self.pos_embed(h, w, x.device).to(x.dtype)
-        t = self.t_embedder(t)
+        t = self.t_embedder(t, x.dtype)
         t_mod = self.t_block(t)
         context = self.y_embedder(text)
         for block in self.blocks:

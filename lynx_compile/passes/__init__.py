@@ -14,10 +14,11 @@ import torch.fx as fx
 from .fuse_producers import fuse_producers
 from .graph import PassContext
 from .normalize_linears import normalize_linears
+from .quantize_dense_linears import quantize_dense_linears
 from .select_linears import select_linears
 from .sparsify_linears import sparsify_linears
 
-PIPELINE = [normalize_linears, select_linears, sparsify_linears, fuse_producers]
+PIPELINE = [normalize_linears, select_linears, sparsify_linears, quantize_dense_linears, fuse_producers]
 
 DUMP_DIR_ENV = "LYNX_DUMP_DIR"
 """When set, every compiled graph is written there before and after each pass."""

@@ -202,7 +202,7 @@ def _replace(ctx: PassContext, users: list[fx.Node], h: fx.Node, producer: str, 
         ctx.gm.graph.erase_node(sparse)
 
 
-_SPARSE_OPS = {"sparse_linear", "sparse_linear_lora"}
+_SPARSE_OPS = {"sparse_linear", "sparse_linear_lora", "sparse_linear_e4m3"}
 
 
 def _not_fused(sparse: fx.Node, enabled: bool) -> str:
@@ -211,6 +211,8 @@ def _not_fused(sparse: fx.Node, enabled: bool) -> str:
         return "not fused: fuse_producers is off"
     if sparse.target is torch.ops.lynx.sparse_linear_lora.default:
         return "not fused: the folded LoRA reads the producer's output"
+    if sparse.target is torch.ops.lynx.sparse_linear_e4m3.default:
+        return "not fused: no producer runs in the e4m3 sparsify step"
     x = sparse.args[0]
     name = op_name(x) if isinstance(x, fx.Node) else "a constant"
     if isinstance(x, fx.Node) and _sparse_linear_users(x) is None:

@@ -31,7 +31,8 @@ import torch.fx as fx
 from ..types import INPUT_FROM_GRAPH_BREAK, OUTPUT_TO_GRAPH_BREAK, Role
 from .graph import PassContext, op_name, tensor_rank
 
-LINEAR_OPS = {"linear", "matmul", "mm", "bmm", "addmm", "baddbmm", "conv1d", "conv2d", "conv3d", "__matmul__"}
+LINEAR_OPS = {"linear", "e4m3_linear", "matmul", "mm", "bmm", "addmm", "baddbmm", "conv1d", "conv2d", "conv3d",
+              "__matmul__"}
 ATTENTION_OPS = {
     "scaled_dot_product_attention", "flash_attn_func", "flex_attention",
     # The aten kernels that diffusers' attention backends (e.g. "_native_cudnn", which ring

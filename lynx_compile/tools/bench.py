@@ -34,8 +34,9 @@ from .results import device_slug, environment, write_json
 from .timing import median_ms, sample_ms, synchronize
 from .workloads import Workload
 
-BACKENDS = ("eager", "inductor", "inductor-reduce-overhead", "inductor-max-autotune", "lynx-none", "lynx-norm", "lynx-lora",
-            "lynx-norm-reduce-overhead", "lynx-lora-reduce-overhead", "torchao-24-weight")
+BACKENDS = ("eager", "inductor", "inductor-reduce-overhead", "inductor-max-autotune", "inductor-fp8",
+            "inductor-fp8-reduce-overhead", "lynx-none", "lynx-norm", "lynx-lora", "lynx-fp8", "lynx-norm-reduce-overhead",
+            "lynx-lora-reduce-overhead", "lynx-fp8-reduce-overhead", "torchao-24-weight")
 DEFAULT_BACKENDS = ("eager", "inductor", "lynx-norm")
 DEFAULT_MODEL = "dit-xl-2"
 BENCH_EXCLUDED_FIELDS = {"compensation": "each lynx-<compensation> backend sets its own"}
@@ -84,6 +85,11 @@ def _compiler(backend: str, config: LynxConfig, workload: Workload) -> tuple[Cal
         return torch.compile(model, mode="reduce-overhead"), None
     if backend == "inductor-max-autotune":
         return torch.compile(model, mode="max-autotune-no-cudagraphs"), None
+    if backend.startswith("inductor-fp8"):
+        # FP8 dense as FP8 inference recipes run it (per-token e4m3 activations, per-channel e4m3 weights, rowwise
+        # _scaled_mm, quantization fused by Inductor): lynx at precision "fp8" with no layer sparse.
+        fp8 = LynxBackend(replace(config, precision="fp8", include=None, sparse_roles=frozenset()), warn=False)
+        return torch.compile(model, backend=fp8, mode="reduce-overhead" if backend.endswith("reduce-overhead") else None), None
     if backend == "torchao-24-weight":
         from torchao.sparsity import semi_sparse_weight, sparsify_  # optional dependency
 
@@ -94,6 +100,8 @@ def _compiler(backend: str, config: LynxConfig, workload: Workload) -> tuple[Cal
         _, compensation, *mode = backend.split("-", 2)
         if compensation == "lora":
             lynx_config = replace(config, compensation="lora", compensation_state=_lora_state(workload, config))
+        elif compensation == "fp8":
+            lynx_config = replace(config, compensation="norm", precision="fp8")
         else:
             lynx_config = replace(config, compensation=compensation)
         lynx = LynxBackend(lynx_config)
