@@ -9,11 +9,12 @@ from .calibrate import Compensation, calibrate
 from .config import LynxConfig
 from .diagnostics import LynxWarning
 from .fp8 import E4M3Linear, convert_to_fp8
+from .recording import ForwardRecorder
 from .report import LayerDecision, Report
 from .types import CompensationMode, Decision, Precision, Role
 
 __all__ = [
-    "Compensation", "CompensationMode", "Decision", "E4M3Linear", "LayerDecision", "LynxBackend", "LynxConfig",
+    "Compensation", "CompensationMode", "Decision", "E4M3Linear", "ForwardRecorder", "LayerDecision", "LynxBackend", "LynxConfig",
     "LynxWarning", "Precision", "Report", "Role", "backend", "calibrate", "convert_to_fp8", "explain",
 ]
 __version__ = "0.1.0"
