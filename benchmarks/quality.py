@@ -403,6 +403,7 @@ def run(settings: Settings, device: str = "cpu", variants: tuple[Variant, ...] =
                     }
             torch._dynamo.reset()
         sensitivity = single_layer_sensitivity(harness) if settings.sensitivity else None
+    statistics = layer_statistics(harness)
     return {
         "settings": asdict(settings),
         "device": device,
@@ -412,6 +413,7 @@ def run(settings: Settings, device: str = "cpu", variants: tuple[Variant, ...] =
         "variants": results,
         "pending": pending,
         "single_layer_eps_error": sensitivity,
+        "layer_statistics": statistics,
         "seconds": time.time() - started,
     }
 
@@ -426,6 +428,30 @@ TABLE_COLUMNS = (
     ("SSIM", "ssim", "{:.4f}"),
     ("digit acc", "digit_accuracy", "{:.1%}"),
 )
+
+
+def kept_energy_share(values: Tensor) -> float:
+    """||S(v)||^2 / ||v||^2 for the 2:4 top-|v| selection along the last dim (per row, summed over rows)."""
+    kept = torch.where(keep_mask(values, 2, 4), values, torch.zeros_like(values))
+    return (kept.double().square().sum() / values.double().square().sum()).item()
+
+
+def excess_kurtosis(values: Tensor) -> float:
+    """E[(v - mean)^4] / var^2 - 3 over all entries: 0 for a Gaussian, large for heavy tails and outliers."""
+    v = values.double().flatten()
+    centred = v - v.mean()
+    return (centred.pow(4).mean() / centred.square().mean().square() - 3).item()
+
+
+def layer_statistics(harness: Harness) -> dict[str, dict[str, float]]:
+    """Per selected layer, of its dense inputs on the probe batches (each token's K features) and of its weight
+    (each output row's K features): excess kurtosis, and the energy share that 2:4 keeps, which says why
+    activations tolerate what weights do not."""
+    return {name: {"input_kurtosis": excess_kurtosis(harness.layer_inputs[name]),
+                   "input_2of4_energy_kept": kept_energy_share(harness.layer_inputs[name]),
+                   "weight_kurtosis": excess_kurtosis(layer.weight),
+                   "weight_2of4_energy_kept": kept_energy_share(layer.weight)}
+            for name, layer in harness.layers.items()}
 
 
 def table(output: dict[str, Any], tablefmt: str = "github") -> str:
@@ -594,6 +620,8 @@ def main() -> None:
     }
     suffix = "-quick" if args.quick else ""
     json_path = write_json(payload, RESULTS / f"quality-{torch.device(args.device).type}{suffix}.json")
+    from tabulate import tabulate
+
     summary = (
         f"# Quality of lynx variants on the digits DiT ({device_name}, {payload['date']})\n\n"
         f"`python benchmarks/quality.py{' --quick' if args.quick else ''} --device {args.device}`, torch {torch.__version__}, "
@@ -601,14 +629,20 @@ def main() -> None:
         f"{table_text}\n\n## Findings\n\n{findings_lines}\n"
     )
     if output["single_layer_eps_error"]:
-        from tabulate import tabulate
-
         rows = [[name, *(f"{e:.4f}" for e in errors.values())] for name, errors in output["single_layer_eps_error"].items()]
         methods = list(next(iter(output["single_layer_eps_error"].values())))
         summary += (
             "\n## One layer at a time\n\nEnd-to-end eps error (mean over the sweep) with only that layer sparsified:\n\n"
             + tabulate(rows, headers=["layer", *methods], tablefmt="github", disable_numparse=True) + "\n"
         )
+    stats = output["layer_statistics"]
+    columns = next(iter(stats.values()))
+    summary += (
+        "\n## Layer inputs and weights\n\nPer selected layer: excess kurtosis, and the share of the energy (sum of squares) "
+        "that 2:4 keeps, of the dense inputs on the probe batches (per token) and of the weight (per output row):\n\n"
+        + tabulate([[name, *(f"{value:.3f}" for value in values.values())] for name, values in stats.items()],
+                   headers=["layer", *columns], tablefmt="github", disable_numparse=True) + "\n"
+    )
     json_path.with_suffix(".md").write_text(summary)
     grid_path = RESULTS / f"quality-samples{suffix}.png"
     sample_grid(output, grid_path)
