@@ -20,7 +20,7 @@ def test_dump_writes_graphs_table_summary_and_drawing(tmp_path, capsys):
     assert "blocks.0.mlp.fc2" in printed and "6 of 14 linear layers sparse" in printed
     assert "recompiles when the batch changes (dynamic=True): 0" in printed
     passes = sorted(p.name for p in (out / "graphs").rglob("*.py"))
-    assert passes[0].startswith("00-normalize_linears") and passes[-1].startswith("03-fuse_producers")
+    assert passes[0].startswith("00-normalize_linears") and passes[-1].startswith("04-fuse_producers")
     layers = json.loads((out / "layers.json").read_text())["layers"]
     assert {l["decision"] for l in layers} == {"sparse", "dense"}
     assert "sparse GFLOP" in (out / "layers.txt").read_text()
