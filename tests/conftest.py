@@ -24,13 +24,30 @@ def sparse_kernels_or_skip():
     return kernels
 
 
+SLOWEST_FILES = ("test_parallel.py", "test_diffusers.py", "test_quality.py", "test_kernels.py", "test_backend.py",
+                 "test_dump.py", "test_calibrate.py", "test_bench.py")
+"""The files that take longest on CPU, longest first. pytest-xdist (``--dist loadfile``) hands out
+whole files in collection order, so these start first and the workers finish close together."""
+
+
 def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(SLOWEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs an NVIDIA GPU")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fresh_dynamo():
+    """Every test file starts from empty Dynamo caches, whichever files ran before it in this
+    process (an xdist worker runs an arbitrary share of them). Otherwise a code object that
+    earlier files compiled recompile_limit times (all DiTs share DiT.forward) runs eagerly for
+    the next backend, silently, and that backend sees no graph."""
+    torch._dynamo.reset()
 
 
 def masked_reference(x: torch.Tensor, n: int, m: int, norm: bool, eps: float = 1e-12) -> torch.Tensor:

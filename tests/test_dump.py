@@ -105,13 +105,20 @@ def test_drawing_without_graphviz_says_so(tmp_path, monkeypatch, capsys):
     assert not list(tmp_path.glob("*.svg"))
 
 
+def mlp():
+    """A ``module:factory`` model for the tests of what comes after the trace: one small graph."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.LayerNorm(256), torch.nn.Linear(256, 1024), torch.nn.GELU(), torch.nn.Linear(1024, 256))
+    return model, (torch.randn(2, 8, 256),)
+
+
 def test_failing_graphviz_fails_the_dump_with_its_message(tmp_path, monkeypatch, capsys):
     fake = tmp_path / "bin" / "dot"
     fake.parent.mkdir()
     fake.write_text("#!/bin/sh\necho 'Error: syntax error in line 3' >&2\nexit 1\n")
     fake.chmod(0o755)
     monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ.get('PATH', '')}")
-    assert dump.main(["mmdit-tiny", "--quick", "--out", str(tmp_path / "d"), "--svg"]) == 1
+    assert dump.main([f"{__name__}:mlp", "--out", str(tmp_path / "d"), "--svg"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("lynx-dump: error: Graphviz (dot) failed on ")
     assert "graph00.dot with exit code 1: Error: syntax error in line 3" in err[-1]
