@@ -23,7 +23,7 @@ import torch.fx as fx
 from .. import ops
 from ..types import Decision, Precision
 from .graph import PassContext, fake_value, set_fake_value
-from .select_linears import is_linear
+from .select_linears import is_linear, linear_operands
 
 _FEATURE_MULTIPLE = 16  # _scaled_mm's operand dims
 
@@ -42,10 +42,8 @@ def _scaled_mm_error(device: torch.device, dtype: torch.dtype) -> str | None:
     return None
 
 
-def _reason(ctx: PassContext, node: fx.Node) -> str | None:
+def _reason(ctx: PassContext, x: fx.Node, weight: fx.Node, bias: fx.Node | None) -> str | None:
     """Why this dense linear stays in its dtype (None: it runs FP8)."""
-    x, weight = node.args[0], node.args[1]
-    bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
     x_fake, w_fake = fake_value(x), fake_value(weight)
     if ctx.constant(weight) is None or (bias is not None and ctx.constant(bias) is None):
         return "weight or bias not a constant"
@@ -66,12 +64,11 @@ def quantize_dense_linears(gm: fx.GraphModule, ctx: PassContext) -> None:
         decision = node.meta.get("lynx")
         if not is_linear(node) or decision is None or decision.decision != Decision.DENSE or decision.precision == "e4m3":
             continue
-        reason = _reason(ctx, node)
+        x, weight, bias, _ = linear_operands(node)
+        reason = _reason(ctx, x, weight, bias)
         if reason is not None:
             decision.reason += f"; not FP8: {reason}"
             continue
-        x, weight = node.args[0], node.args[1]
-        bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
         weight_e4m3, weight_scale = ops.quantize_weight_e4m3(ctx.constant(weight))
         args = (x, ctx.add_constant(f"{decision.name}_weight_e4m3", weight_e4m3, node),
                 ctx.add_constant(f"{decision.name}_weight_scale", weight_scale, node), bias)
