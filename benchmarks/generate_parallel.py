@@ -19,6 +19,7 @@ import argparse
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,7 @@ def _rank_world() -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
-def generate(labels: list[int], steps: int = 50, guidance_scale: float = 2.0, backend: str = "lynx",
+def generate(labels: list[int], steps: int = 50, guidance_scale: float = 2.0, backend: str | Callable = "lynx",
              device: str | torch.device = "cpu", checkpoint: Path = CHECKPOINT) -> dict[str, Any]:
     """Sample one image per label, this rank's share only, and gather them on every rank.
 

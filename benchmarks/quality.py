@@ -1,10 +1,13 @@
-"""Quality of lynx sparsity variants on the trained digits DiT (``checkpoints/dit_digits.pt``).
+"""Quality of lynx sparsity variants on the trained DiTs: ``--model digits`` (``checkpoints/dit_digits.pt``,
+8x8 digits, class-conditional) or ``--model photos`` (``checkpoints/dit_photos.pt``, 32x32 crops of
+real photographs, unconditional). One code path serves both; the digit classifier is the digits'.
 
 One script, past the usual size: every variant shares the trained model, the data split and the report.
 
-    python benchmarks/quality.py            # full settings (CPU: a few minutes)
-    python benchmarks/quality.py --quick    # small settings, as tests/test_quality.py runs it
-    python benchmarks/quality.py --device cuda
+    python benchmarks/quality.py                                # digits, full settings (CPU: a few minutes)
+    python benchmarks/quality.py --quick                        # small settings, as tests/test_quality.py runs it
+    python benchmarks/quality.py --model photos --device cuda --photos .gpu/photos.npz
+    python benchmarks/quality.py --model photos --quick         # cheap settings for the photo model on a CPU
 
 Variants, all on the same layers (those lynx selects with the default config: attention qkv,
 MLP fc1 / fc2 of every block):
@@ -18,7 +21,8 @@ MLP fc1 / fc2 of every block):
   dense_flop_budget=0.3)``, i.e. the layers that calibration measured most sensitive (on
   training images) stay dense, up to 30% of the selected layers' FLOPs (``DENSE_FLOP_BUDGET``);
   ranked by each layer's own error, or ("by model error") by the whole model's error with that
-  layer alone sparse (``Compensation.model_sensitivity``, also measured on training images).
+  layer alone sparse (``Compensation.model_sensitivity``, also measured on training images);
+* FP8: every linear in e4m3, dense and with activation 2:4 + norm (+ LoRA).
 
 Activation variants run through ``torch.compile`` with ``LynxBackend(config, inductor=False)``:
 exactly the function the lynx-compiled model computes, without Inductor's compile time.
@@ -28,13 +32,19 @@ Metrics (every variant sees the same inputs, noise, timesteps and seeds):
 * layer error: ``||Y' - Y|| / ||Y||`` of each selected layer on the dense model's own inputs
   to that layer (captured with hooks over a timestep sweep); mean and worst layer. Isolates
   each layer's approximation from the error that propagates through depth;
-* eps error: relative error of the whole model's noise prediction vs dense, mean over the sweep;
+* per timestep of the sweep: eps error, the relative error of the whole model's noise prediction
+  vs dense, and the denoising loss (epsilon MSE) on the held-out probe images; eps error is
+  reported as the mean over the sweep;
 * held-out loss: epsilon MSE on the test split (fixed draws), and its change vs dense;
-* PSNR / SSIM of deterministic DDIM samples vs the dense samples from the same noise;
-* digit accuracy: a logistic-regression classifier trained on the real training digits,
-  applied to the samples, scored against the requested labels.
+* PSNR / SSIM of deterministic DDIM samples vs the dense samples from the same noise (over all
+  colour channels for the photos);
+* digit accuracy (digits only): a logistic-regression classifier trained on the real training
+  digits, applied to the samples, scored against the requested labels;
+* per selected layer: excess kurtosis of its inputs and weight, and the energy share 2:4 keeps.
 
-Writes ``results/quality-<device>.json`` and ``results/quality-samples.png`` (rows = variants).
+Writes ``results/quality-<device>.{json,md}`` and ``results/quality-samples.png`` (rows = variants)
+for the digits, ``results/quality-<device>-photos.{json,md}`` and ``results/quality-samples-photos.png``
+for the photos (``-quick`` before the suffix with ``--quick``).
 """
 
 from __future__ import annotations
@@ -42,6 +52,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import re
 import sys
 import time
@@ -51,15 +62,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.fx.experimental._config
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_dit import CHECKPOINT, NULL_CLASS, RESULTS, SCHEDULE, heldout_loss, load_checkpoint, load_digits_split  # noqa: E402
+import photos  # noqa: E402
+from train_dit import CHECKPOINT, PHOTO_CHECKPOINT, RESULTS, SCHEDULE, heldout_loss, load_checkpoint, load_digits_split  # noqa: E402
 
 from lynx_compile import LynxBackend, LynxConfig, explain  # noqa: E402
 from lynx_compile.calibrate import calibrate  # noqa: E402
 from lynx_compile.diffusion import NoiseSchedule, ddim_sample  # noqa: E402
+from lynx_compile.kernels import KERNELS_OFF_VARIABLE  # noqa: E402
 from lynx_compile.metrics import relative_error  # noqa: E402
 from lynx_compile.ops import e4m3_linear, keep_mask, pack_lora, quantize_weight_e4m3  # noqa: E402
 from lynx_compile.tools.results import write_json  # noqa: E402
@@ -71,13 +85,16 @@ class Settings:
     """Held-out images noised at each sweep timestep for the layer and eps errors."""
     sweep: tuple[int, ...] = (50, 200, 400, 600, 800, 950)
     heldout_images: int | None = None
-    """Held-out images in the denoising loss (None: the whole test split, 360)."""
+    """Held-out images in the denoising loss (None: the whole test split: 360 digits, 546 photo crops)."""
     heldout_draws: int = 2
     """(timestep, noise) draws per held-out image for the denoising loss."""
     samples_per_class: int = 5
+    """DDIM samples per class label (the photo model has one class)."""
     ddim_steps: int = 25
     guidance_scale: float = 2.0
     calibration_batches: int = 8
+    calibration_batch: int = 64
+    """Noised training images per calibration batch."""
     lora_rank: int = 32
     sensitivity: bool = True
     """Also measure each layer alone (``single_layer_sensitivity``)."""
@@ -86,6 +103,35 @@ class Settings:
 
 QUICK = Settings(probe_images=8, sweep=(100, 500, 900), heldout_images=120, heldout_draws=1, samples_per_class=1,
                  ddim_steps=8, calibration_batches=2, sensitivity=False)
+PHOTO_SETTINGS = Settings(samples_per_class=16, guidance_scale=1.0)
+"""Unconditional model: guidance 1.0 is the plain model (one evaluation per step)."""
+PHOTO_QUICK = Settings(probe_images=2, sweep=(100, 300, 500, 700, 900), heldout_images=8, heldout_draws=1,
+                       samples_per_class=2, ddim_steps=4, guidance_scale=1.0, calibration_batches=2, calibration_batch=4,
+                       sensitivity=False)
+"""Still five timesteps, on a handful of images: the photo model's 256 tokens per image through the reference
+sparse op cost seconds per forward on a CPU."""
+
+
+@dataclass(frozen=True)
+class QualityModel:
+    """What differs between the trained models; everything else is one code path."""
+
+    title: str
+    checkpoint: Path
+    settings: Settings
+    quick: Settings
+    results_suffix: str
+    """Appended to the result file names: "" keeps the digits' original names."""
+    ssim_window: int
+    ssim_sigma: float
+    digit_classifier: bool
+
+
+MODELS = {
+    "digits": QualityModel("the digits DiT", CHECKPOINT, Settings(), QUICK, "", 5, 1.0, True),
+    # Wang et al.'s 11x11 Gaussian window (sigma 1.5), as on natural images.
+    "photos": QualityModel("the photo DiT", PHOTO_CHECKPOINT, PHOTO_SETTINGS, PHOTO_QUICK, "-photos", 11, 1.5, False),
+}
 
 
 @dataclass(frozen=True)
@@ -110,7 +156,7 @@ class Variant:
 
 
 DENSE_FLOP_BUDGET = 0.3
-"""Chosen from the calibration sensitivities (training images), not from held-out results:
+"""Chosen on the digits model from the calibration sensitivities (training images), not from held-out results:
 calibration ranks the two attention qkv layers (relative error 0.45, 0.34 with norm
 compensation) clearly above the rest (<= 0.27); together they are 6/22 = 27% of the selected
 layers' FLOPs, so a budget of 0.3 keeps exactly them dense and 73% of the FLOPs sparse."""
@@ -142,19 +188,21 @@ def psnr(images: Tensor, reference: Tensor) -> Tensor:
 
 
 def ssim(images: Tensor, reference: Tensor, window: int = 5, sigma: float = 1.0) -> Tensor:
-    """Per-image SSIM (Wang et al. 2004) of (B, 1, H, W) images in [-1, 1], on the [0, 1] scale.
+    """Per-image SSIM (Wang et al. 2004) of (B, C, H, W) images in [-1, 1], on the [0, 1] scale.
 
-    The usual 11x11 window is wider than an 8x8 digit, hence 5x5 (sigma 1), valid positions only
-    (no padding, whose zeros would read as structure).
+    Valid positions only (no padding, whose zeros would read as structure); a colour image's SSIM
+    is the mean over its channels (as ``skimage.metrics.structural_similarity`` with ``channel_axis``).
+    The usual 11x11 window is wider than an 8x8 digit, hence the default 5x5 (sigma 1).
     """
     c1, c2 = 0.01**2, 0.03**2
     a, b = (images.double() + 1) / 2, (reference.double() + 1) / 2
     coords = torch.arange(window, dtype=torch.float64) - (window - 1) / 2
     g = torch.exp(-coords**2 / (2 * sigma**2))
-    kernel = (torch.outer(g, g) / g.sum() ** 2)[None, None].to(a.device)
+    channels = a.shape[1]
+    kernel = (torch.outer(g, g) / g.sum() ** 2)[None, None].expand(channels, 1, window, window).to(a.device)
 
     def blur(x: Tensor) -> Tensor:
-        return F.conv2d(x, kernel)
+        return F.conv2d(x, kernel, groups=channels)
 
     mu_a, mu_b = blur(a), blur(b)
     var_a, var_b = blur(a * a) - mu_a**2, blur(b * b) - mu_b**2
@@ -171,33 +219,42 @@ def classifier_features(images: Tensor):
 class Harness:
     """Everything the variants share: model, data, selected layers, probe inputs, the dense layer inputs."""
 
-    def __init__(self, settings: Settings, device: str, checkpoint: Path = CHECKPOINT):
-        self.settings, self.device = settings, torch.device(device)
-        self.model = load_checkpoint(checkpoint, self.device)
+    def __init__(self, settings: Settings, device: str, checkpoint: Path | None = None, model: str = "digits",
+                 photo_source: str | Path | None = None):
+        """``model``: a key of ``MODELS`` (which data, which metrics); ``checkpoint``: its file (default: the
+        shipped one); ``photo_source``: an export of ``photos.py`` to read the photos from."""
+        self.settings, self.device, self.spec = settings, torch.device(device), MODELS[model]
+        self.model = load_checkpoint(checkpoint or self.spec.checkpoint, self.device)
         self.schedule = NoiseSchedule.named(SCHEDULE)
-        self.data = load_digits_split(self.device)
+        self.data = load_digits_split(self.device) if model == "digits" else photos.load_photo_split(self.device, photo_source)
+        self.null_class = self.model.config.num_classes
         gen = torch.Generator().manual_seed(settings.seed)
         x = self.data["x_test"][: settings.probe_images]
-        y = self.data["y_test"][: settings.probe_images]
+        # A copy, not a view of the split: Dynamo guards on a view's base, and the next call's labels have none.
+        y = self.data["y_test"][: settings.probe_images].clone()
         # One probe batch per sweep timestep, with noise fixed once for all variants.
-        self.probes = []
+        self.probes, self.probe_noise = [], []
         for t in settings.sweep:
             noise = torch.randn(x.shape, generator=gen).to(x)
             t_batch = torch.full((x.shape[0],), t, dtype=torch.long, device=self.device)
             self.probes.append((self.schedule.add_noise(x, noise, t_batch), t_batch, y))
-        self.sample_labels = torch.arange(10, device=self.device).repeat_interleave(settings.samples_per_class)
-        self.sample_noise = torch.randn((self.sample_labels.shape[0], 1, 8, 8), generator=gen).to(self.device)
+            self.probe_noise.append(noise)
+        classes = self.model.config.num_classes
+        self.sample_labels = torch.arange(classes, device=self.device).repeat_interleave(settings.samples_per_class)
+        self.sample_noise = torch.randn((self.sample_labels.shape[0], *x.shape[1:]), generator=gen).to(self.device)
         self.report = explain(self.model, *self.probes[0], config=self.base_config())
         modules = dict(self.model.named_modules())
         self.layers: dict[str, nn.Linear] = {d.name: modules[d.name] for d in self.report.sparse}
         self.layer_inputs = self._capture_layer_inputs()
-        self.classifier = self._train_classifier()
+        self.classifier_test_accuracy: float | None = None
+        self.classifier = self._train_classifier() if self.spec.digit_classifier else None
 
     @staticmethod
     def base_config(**fields: Any) -> LynxConfig:
-        # The lynx defaults (min_features=256 included) select qkv, fc1 and fc2 of this
-        # hidden-256 model as they are; nothing is lowered for the benchmark.
-        return LynxConfig(**fields)
+        # The lynx defaults (min_features=256 included) select qkv, fc1 and fc2 of both models as
+        # they are. speed_guard is a speed policy of the GPU kernels: off, so that the selection,
+        # and hence the numbers, are the same on every device.
+        return LynxConfig(**{"speed_guard": False, **fields})
 
     @torch.no_grad()
     def _capture_layer_inputs(self) -> dict[str, Tensor]:
@@ -215,6 +272,7 @@ class Harness:
         return {name: torch.cat([x.reshape(-1, x.shape[-1]) for x in xs]) for name, xs in captured.items()}
 
     def _train_classifier(self):
+        """Logistic regression on the training digits; sets ``classifier_test_accuracy``."""
         from sklearn.linear_model import LogisticRegression
         from threadpoolctl import threadpool_limits
 
@@ -232,11 +290,12 @@ class Harness:
         """Noised *training* images at random timesteps: the test split stays unseen by the LoRA fit."""
         gen = torch.Generator().manual_seed(self.settings.seed + 1)
         x_train, y_train = self.data["x_train"], self.data["y_train"]
+        size = self.settings.calibration_batch
         batches = []
         for _ in range(self.settings.calibration_batches):
-            idx = torch.randint(0, x_train.shape[0], (64,), generator=gen).to(self.device)
-            t = torch.randint(0, self.schedule.steps, (64,), generator=gen).to(self.device)
-            noise = torch.randn((64, 1, 8, 8), generator=gen).to(self.device)
+            idx = torch.randint(0, x_train.shape[0], (size,), generator=gen).to(self.device)
+            t = torch.randint(0, self.schedule.steps, (size,), generator=gen).to(self.device)
+            noise = torch.randn((size, *x_train.shape[1:]), generator=gen).to(self.device)
             batches.append((self.schedule.add_noise(x_train[idx], noise, t), t, y_train[idx]))
         return batches
 
@@ -290,6 +349,13 @@ class VariantModel:
             model = torch.compile(model, backend=self.backend, dynamic=True)
         self.forward: Callable[..., Tensor] = model
 
+    def check_precision(self) -> None:
+        """An FP8 row whose layers all stayed in their dtype would read as FP8 quality: refuse it."""
+        if self.variant.precision != "fp8" or any(layer.precision == "e4m3" for layer in self.backend.report.layers):
+            return
+        reasons = sorted({layer.reason for layer in self.backend.report.layers})
+        raise RuntimeError(f"{self.variant.name}: no layer runs in e4m3 ({'; '.join(reasons)[:300]})")
+
     def dense_layers(self) -> set[str]:
         """Selected layers that lynx kept dense for sensitivity (known once the model has run)."""
         if self.variant.kind != "activation":
@@ -302,7 +368,7 @@ class VariantModel:
         fp8 = self.variant.precision == "fp8"
         if self.variant.kind == "activation" and name not in self.dense_layers():
             c = self.config
-            down, up = c.compensation_state[name] if c.compensation == "lora" else (None, None)
+            down, up = (t.to(x.device) for t in c.compensation_state[name]) if c.compensation == "lora" else (None, None)
             if not fp8:
                 return torch.ops.lynx.sparse_linear(x, layer.weight, layer.bias, c.n, c.m, c.norm_compensation, c.eps, down, up)
             weight = layer.weight
@@ -319,6 +385,7 @@ class VariantModel:
 def evaluate(harness: Harness, variant_model: VariantModel, dense: dict[str, Any] | None) -> dict[str, Any]:
     s = harness.settings
     eps = [variant_model.forward(*probe) for probe in harness.probes]  # first: compiles, so lynx has decided
+    variant_model.check_precision()
     inputs = harness.layer_inputs
     layer_errors = {
         name: relative_error(variant_model.layer_output(name, layer, inputs[name]), layer(inputs[name]))
@@ -328,25 +395,30 @@ def evaluate(harness: Harness, variant_model: VariantModel, dense: dict[str, Any
     loss = heldout_loss(variant_model.forward, harness.schedule, harness.data["x_test"][heldout],
                         harness.data["y_test"][heldout], draws=s.heldout_draws)
     samples = ddim_sample(variant_model.forward, harness.schedule, harness.sample_noise, harness.sample_labels,
-                          steps=s.ddim_steps, guidance_scale=s.guidance_scale, null_class=NULL_CLASS)
-    predicted = harness.classifier.predict(classifier_features(samples))
+                          steps=s.ddim_steps, guidance_scale=s.guidance_scale, null_class=harness.null_class)
     result: dict[str, Any] = {
         "layer_error_mean": sum(layer_errors.values()) / len(layer_errors),
         "layer_error_worst": max(layer_errors.values()),
         "layer_errors": layer_errors,
         "heldout_loss": loss,
-        "digit_accuracy": float((torch.from_numpy(predicted) == harness.sample_labels.cpu()).float().mean()),
+        # The denoising loss on the held-out probe images at each sweep timestep.
+        "heldout_loss_by_t": {str(t): F.mse_loss(e, noise).item()
+                              for t, e, noise in zip(s.sweep, eps, harness.probe_noise)},
         "eps": eps,
         "samples": samples,
     }
+    if harness.classifier is not None:
+        predicted = harness.classifier.predict(classifier_features(samples))
+        result["digit_accuracy"] = float((torch.from_numpy(predicted) == harness.sample_labels.cpu()).float().mean())
     if dense is not None:
         eps_errors = [relative_error(e, d) for e, d in zip(eps, dense["eps"])]
+        spec = harness.spec
         result |= {
             "eps_error_mean": sum(eps_errors) / len(eps_errors),
             "eps_error_by_t": dict(zip(map(str, s.sweep), eps_errors)),
             "heldout_loss_change_pct": 100 * (loss / dense["heldout_loss"] - 1),
             "psnr_db": psnr(samples, dense["samples"]).clamp(max=100).mean().item(),
-            "ssim": ssim(samples, dense["samples"]).mean().item(),
+            "ssim": ssim(samples, dense["samples"], spec.ssim_window, spec.ssim_sigma).mean().item(),
         }
     return result
 
@@ -369,11 +441,21 @@ def single_layer_sensitivity(harness: Harness) -> dict[str, dict[str, float]]:
 
 
 def run(settings: Settings, device: str = "cpu", variants: tuple[Variant, ...] = VARIANTS,
-        checkpoint: Path = CHECKPOINT, progress: bool = True) -> dict[str, Any]:
-    """Metrics of ``variants`` (dense is always measured first: the others are compared with it),
-    plus the ``eps`` and ``samples`` tensors (left out of the JSON) for the grid."""
+        checkpoint: Path | None = None, progress: bool = True, model: str = "digits",
+        photo_source: str | Path | None = None) -> dict[str, Any]:
+    """Metrics of ``variants`` on ``model`` (a key of ``MODELS``; ``checkpoint`` defaults to its shipped file;
+    dense is always measured first: the others are compared with it), plus the ``eps`` and ``samples``
+    tensors (left out of the JSON) for the grid."""
+    # Without duck sizing, a batch that happens to equal the image side (8 probe digits of 8x8) is
+    # not tied to it, so each variant compiles once for every batch size instead of twice.
+    with torch.fx.experimental._config.patch(use_duck_shape=False):
+        return _run(settings, device, variants, checkpoint, progress, model, photo_source)
+
+
+def _run(settings: Settings, device: str, variants: tuple[Variant, ...], checkpoint: Path | None, progress: bool,
+         model: str, photo_source: str | Path | None) -> dict[str, Any]:
     started = time.time()
-    harness = Harness(settings, device, checkpoint)
+    harness = Harness(settings, device, checkpoint, model, photo_source)
     wants_lora = any(v.needs_calibration for v in variants)
     lora, lora_pending = lora_state(harness) if wants_lora else (None, None)
     results: dict[str, dict[str, Any]] = {}
@@ -405,6 +487,8 @@ def run(settings: Settings, device: str = "cpu", variants: tuple[Variant, ...] =
         sensitivity = single_layer_sensitivity(harness) if settings.sensitivity else None
     statistics = layer_statistics(harness)
     return {
+        "model": model,
+        "num_classes": harness.model.config.num_classes,
         "settings": asdict(settings),
         "device": device,
         "layers": list(harness.layers),
@@ -457,17 +541,30 @@ def layer_statistics(harness: Harness) -> dict[str, dict[str, float]]:
 def table(output: dict[str, Any], tablefmt: str = "github") -> str:
     from tabulate import tabulate
 
+    # A column no variant has (digit accuracy on the photos) is left out.
+    columns = [c for c in TABLE_COLUMNS if any(c[1] in metrics for metrics in output["variants"].values())]
     rows = []
     for variant in VARIANTS:
         if variant.name not in output["variants"] and variant.name not in output["pending"]:
             continue
         if variant.name in output["pending"]:
-            rows.append([variant.name, output["pending"][variant.name]] + [""] * (len(TABLE_COLUMNS) - 1))
+            rows.append([variant.name, output["pending"][variant.name]] + [""] * (len(columns) - 1))
             continue
         metrics = output["variants"][variant.name]
-        rows.append([variant.name] + [fmt.format(metrics[key]) if key in metrics else "-" for _, key, fmt in TABLE_COLUMNS])
-    headers = ["variant"] + [title for title, _, _ in TABLE_COLUMNS]
+        rows.append([variant.name] + [fmt.format(metrics[key]) if key in metrics else "-" for _, key, fmt in columns])
+    headers = ["variant"] + [title for title, _, _ in columns]
     return tabulate(rows, headers=headers, tablefmt=tablefmt, disable_numparse=True)
+
+
+def timestep_table(output: dict[str, Any], key: str, fmt: str, tablefmt: str = "github") -> str:
+    """One row per variant, one column per sweep timestep, of the per-timestep metric ``key``."""
+    from tabulate import tabulate
+
+    sweep = [str(t) for t in output["settings"]["sweep"]]
+    rows = [[name, *(fmt.format(metrics[key][t]) for t in sweep)]
+            for name, metrics in ((v.name, output["variants"].get(v.name)) for v in VARIANTS)
+            if metrics is not None and key in metrics]
+    return tabulate(rows, headers=["variant", *(f"t={t}" for t in sweep)], tablefmt=tablefmt, disable_numparse=True)
 
 
 def findings(output: dict[str, Any]) -> dict[str, Any]:
@@ -493,7 +590,32 @@ def findings(output: dict[str, Any]) -> dict[str, Any]:
             ("heldout_loss_within_3pct", abs(v[name]["heldout_loss_change_pct"]) <= 3.0),
             ("beats_weight_2of4_heldout_loss", v[name]["heldout_loss"] < weight["heldout_loss"]),
         )
-    } | fp8_findings(v)
+    } | fp8_findings(v) | ordering_findings(v) | plain_default_findings(v)
+
+
+ORDERING = ("weight 2:4", "act 2:4", "act 2:4 + norm", "act 2:4 + norm + LoRA")
+"""The ordering of end-to-end noise-prediction error the RT-Lynx paper reports, worst first."""
+
+
+def ordering_findings(v: dict[str, Any]) -> dict[str, Any]:
+    """Whether eps error falls along ``ORDERING`` (each measured neighbour pair), with the errors themselves."""
+    present = [name for name in ORDERING if name in v]
+    pairs = {f"{a} > {b}": v[a]["eps_error_mean"] > v[b]["eps_error_mean"] for a, b in zip(present, present[1:])}
+    return {"eps_error_ordering": {name: v[name]["eps_error_mean"] for name in present},
+            "eps_error_ordering_pairs": pairs,
+            "eps_error_ordering_holds": all(pairs.values()),
+            "eps_error_ordering_complete": len(present) == len(ORDERING)}
+
+
+PLAIN_DEFAULT = "act 2:4 + norm"
+"""lynx's plain default: norm compensation on every layer of the paper's roles, at every sampling step."""
+
+
+def plain_default_findings(v: dict[str, Any]) -> dict[str, Any]:
+    default = v[PLAIN_DEFAULT]
+    return {"plain_default_heldout_loss_ratio": default["heldout_loss"] / v["dense"]["heldout_loss"],
+            "plain_default_psnr_db": default["psnr_db"],
+            "plain_default_ssim": default["ssim"]}
 
 
 FP8_LOSS_RATIO_BOUND = 1.2
@@ -528,7 +650,16 @@ def findings_text(found: dict[str, Any]) -> str:
     def holds(key: str) -> str:
         return "yes" if found[key] else "NO"
 
+    errors = found["eps_error_ordering"]
+    failed = [pair for pair, ok in found["eps_error_ordering_pairs"].items() if not ok]
     lines = [
+        f"- noise-prediction error falls in the order {' > '.join(errors)} "
+        f"({' > '.join(f'{e:.4f}' for e in errors.values())}): "
+        + ("holds" if found["eps_error_ordering_holds"] else f"does NOT hold (fails at {'; '.join(failed)})")
+        + ("" if found["eps_error_ordering_complete"] else " (not every variant of the ordering was measured)"),
+        f"- the plain default ({PLAIN_DEFAULT} on every selected layer at every step): held-out loss "
+        f"{found['plain_default_heldout_loss_ratio']:.3f}x dense, samples {found['plain_default_psnr_db']:.2f} dB PSNR "
+        f"and SSIM {found['plain_default_ssim']:.4f} against the dense samples from the same noise",
         "- activation 2:4 + norm has lower mean per-layer error than weight 2:4: "
         f"{holds('activation_2of4_norm_beats_weight_2of4_layer_error')}",
         "- activation 2:4 + norm has lower end-to-end noise-prediction error than weight 2:4: "
@@ -562,26 +693,53 @@ def findings_text(found: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def sample_grid(output: dict[str, Any], path: Path, zoom: int = 6, columns: int = 20) -> None:
-    """Rows = variants (labelled), columns = the same seeds / labels for every row."""
+def label_font(size: int = 14):
+    """A scalable font for the grid labels (Pillow's bundled one), or the fixed bitmap font where FreeType is missing."""
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, ImportError, OSError):
+        return ImageFont.load_default()
+
+
+def sample_grid(output: dict[str, Any], path: Path, columns: int = 20) -> None:
+    """Rows = variants (labelled), columns = the same seeds / labels for every row.
+
+    Digits: dark ink on white, 6x; colour photos as they are, 2x. The label column is as wide as the
+    longest label."""
     from PIL import Image, ImageDraw
 
     names = [name for name in (v.name for v in VARIANTS) if name in output["variants"]]
-    per_class = output["settings"]["samples_per_class"]
-    # Columns cycle through the classes 0..9 (a few seeds each) so a row reads as digits in order.
-    order = [c * per_class + k for k in range(per_class) for c in range(10)][:columns]
-    cell, gap, label_width = 8 * zoom, 2, 180
-    image = Image.new("L", (label_width + len(order) * (cell + gap), len(names) * (cell + gap) + gap), color=255)
+    first = output["variants"][names[0]]["samples"]
+    channels, side = first.shape[1], first.shape[-1]
+    per_class, classes = output["settings"]["samples_per_class"], output["num_classes"]
+    # Columns cycle through the classes (a few seeds each) so a row of digits reads 0..9 in order.
+    order = [c * per_class + k for k in range(per_class) for c in range(classes)][:columns]
+    zoom = 6 if side <= 16 else 2
+    cell, gap, pad = side * zoom, 2, 8
+    font = label_font()
+    measure = ImageDraw.Draw(Image.new("L", (1, 1)))
+    boxes = [measure.textbbox((0, 0), name, font=font) for name in names]
+    label_width = max(box[2] for box in boxes) + 2 * pad
+    row = max(cell, max(box[3] for box in boxes) + 2 * pad)
+    mode = "L" if channels == 1 else "RGB"
+    white = 255 if mode == "L" else (255, 255, 255)
+    image = Image.new(mode, (label_width + len(order) * (cell + gap), len(names) * (row + gap) + gap), color=white)
     draw = ImageDraw.Draw(image)
-    for row, name in enumerate(names):
-        top = gap + row * (cell + gap)
-        draw.text((4, top + cell // 2 - 5), name, fill=0)
-        samples = output["variants"][name]["samples"]
-        for col, index in enumerate(order):
-            # Dark ink on white, as the digits are usually shown (the data has ink = +1).
-            digit = ((1 - samples[index, 0].clamp(-1, 1)) * 127.5).round().byte().cpu().numpy()
-            tile = Image.fromarray(digit, mode="L").resize((cell, cell), Image.NEAREST)
-            image.paste(tile, (label_width + col * (cell + gap), top))
+    for index, (name, box) in enumerate(zip(names, boxes)):
+        top = gap + index * (row + gap)
+        draw.text((pad, top + (row - box[3]) // 2), name, fill=0 if mode == "L" else (0, 0, 0), font=font)
+        samples = output["variants"][name]["samples"].clamp(-1, 1)
+        for col, sample_index in enumerate(order):
+            sample = samples[sample_index]
+            if mode == "L":
+                # Dark ink on white, as the digits are usually shown (the data has ink = +1).
+                pixels = ((1 - sample[0]) * 127.5).round().byte().cpu().numpy()
+            else:
+                pixels = ((sample + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+            tile = Image.fromarray(pixels).resize((cell, cell), Image.NEAREST)
+            image.paste(tile, (label_width + col * (cell + gap), top + (row - cell) // 2))
     image.save(path)
 
 
@@ -592,41 +750,29 @@ def json_ready(output: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="small settings (seconds on CPU)")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--no-save", action="store_true", help="print the table only")
-    args = parser.parse_args()
-    if args.device == "cpu":
-        torch.set_num_threads(min(2, torch.get_num_threads()))
-    output = run(QUICK if args.quick else Settings(), args.device)
-    found = findings(output)
-    table_text, findings_lines = table(output), findings_text(found)
-    print(table_text)
-    print(findings_lines)
-    if args.no_save:
-        return
-    device_name = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu"
-    payload = {
-        "torch": torch.__version__,
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "device_name": device_name,
-        "quick": args.quick,
-        "checkpoint": str(CHECKPOINT.relative_to(CHECKPOINT.parents[2])),
-        "findings": found,
-        "table": table_text,
-        **json_ready(output),
-    }
-    suffix = "-quick" if args.quick else ""
-    json_path = write_json(payload, RESULTS / f"quality-{torch.device(args.device).type}{suffix}.json")
+def result_stem(model: str, device: str, quick: bool) -> str:
+    """``quality-cpu`` (digits), ``quality-cuda-photos``, ``quality-cpu-photos-quick``..."""
+    return f"quality-{torch.device(device).type}{MODELS[model].results_suffix}{'-quick' if quick else ''}"
+
+
+def grid_name(model: str, quick: bool) -> str:
+    """``quality-samples.png`` (digits), ``quality-samples-photos.png``..."""
+    return f"quality-samples{MODELS[model].results_suffix}{'-quick' if quick else ''}.png"
+
+
+def markdown(output: dict[str, Any], payload: dict[str, Any], table_text: str, findings_lines: str) -> str:
     from tabulate import tabulate
 
+    spec = MODELS[output["model"]]
     summary = (
-        f"# Quality of lynx variants on the digits DiT ({device_name}, {payload['date']})\n\n"
-        f"`python benchmarks/quality.py{' --quick' if args.quick else ''} --device {args.device}`, torch {torch.__version__}, "
+        f"# Quality of lynx variants on {spec.title} ({payload['device_name']}, {payload['date']})\n\n"
+        f"`{payload['command']}`, torch {payload['torch']}, checkpoint `{payload['checkpoint']}`, "
         f"settings `{json.dumps(output['settings'])}`, sparse layers: {', '.join(output['layers'])}.\n\n"
         f"{table_text}\n\n## Findings\n\n{findings_lines}\n"
+        "\n## Per timestep\n\nNoise-prediction error relative to dense, on the held-out probe images noised to t:\n\n"
+        + timestep_table(output, "eps_error_by_t", "{:.4f}")
+        + "\n\nDenoising loss (epsilon MSE) on the same held-out probe images at t:\n\n"
+        + timestep_table(output, "heldout_loss_by_t", "{:.5f}") + "\n"
     )
     if output["single_layer_eps_error"]:
         rows = [[name, *(f"{e:.4f}" for e in errors.values())] for name, errors in output["single_layer_eps_error"].items()]
@@ -643,8 +789,48 @@ def main() -> None:
         + tabulate([[name, *(f"{value:.3f}" for value in values.values())] for name, values in stats.items()],
                    headers=["layer", *columns], tablefmt="github", disable_numparse=True) + "\n"
     )
-    json_path.with_suffix(".md").write_text(summary)
-    grid_path = RESULTS / f"quality-samples{suffix}.png"
+    return summary
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=sorted(MODELS), default="digits")
+    parser.add_argument("--checkpoint", help="the model's checkpoint (default: the shipped one of --model)")
+    parser.add_argument("--photos", metavar="NPZ", help="read the photos from this export of photos.py (default: the packages)")
+    parser.add_argument("--quick", action="store_true", help="small settings (seconds on CPU for the digits)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--no-save", action="store_true", help="print the table only")
+    args = parser.parse_args()
+    # The model runs in float32, which the GPU kernels do not take: with them switched off every sparse layer runs
+    # the reference op, on any device, so the figures measure the sparsity, the same on CPU and GPU.
+    os.environ.setdefault(KERNELS_OFF_VARIABLE, "off")
+    if args.device == "cpu":
+        torch.set_num_threads(min(2, torch.get_num_threads()))
+    spec = MODELS[args.model]
+    output = run(spec.quick if args.quick else spec.settings, args.device, checkpoint=args.checkpoint, model=args.model,
+                 photo_source=args.photos)
+    found = findings(output)
+    table_text, findings_lines = table(output), findings_text(found)
+    print(table_text)
+    print(findings_lines)
+    if args.no_save:
+        return
+    checkpoint = Path(args.checkpoint or spec.checkpoint).resolve()
+    root = CHECKPOINT.parents[2]
+    payload = {
+        "command": " ".join(["python benchmarks/quality.py", *sys.argv[1:]]),
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "device_name": torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu",
+        "quick": args.quick,
+        "checkpoint": str(checkpoint.relative_to(root) if checkpoint.is_relative_to(root) else checkpoint),
+        "findings": found,
+        "table": table_text,
+        **json_ready(output),
+    }
+    json_path = write_json(payload, RESULTS / f"{result_stem(args.model, args.device, args.quick)}.json")
+    json_path.with_suffix(".md").write_text(markdown(output, payload, table_text, findings_lines))
+    grid_path = RESULTS / grid_name(args.model, args.quick)
     sample_grid(output, grid_path)
     print(f"wrote {json_path} and {grid_path}")
 

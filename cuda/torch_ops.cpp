@@ -1,5 +1,5 @@
-// lynx: the CUDA kernels of lynx::sparse_linear, lynx::sparse_linear_lora, lynx::producer_sparse_linear and
-// lynx::sparse_linear_e4m3, in C++.
+// lynx: the CUDA kernels of lynx::sparse_linear, lynx::sparse_linear_lora, lynx::producer_sparse_linear (16-bit or
+// e4m3 GEMM) and lynx::sparse_linear_e4m3, in C++.
 //
 // A DiT forward calls these ops once per sparse layer, and without CUDA graphs its speed is set by host
 // time: the same work in Python (allocations, ctypes marshalling, stream lookups) costs about three times
@@ -250,37 +250,45 @@ bool producer_rows_fit(const at::Tensor& x, const std::optional<at::Tensor>& mul
   return (x.numel() / x.size(-1)) % samples == 0;
 }
 
+// The e4m3 sparsify pass holds whole rows (LoRA columns included) and writes 16-byte aligned rows; the GEMM takes a
+// float32 scale per output channel.
+bool e4m3_fits(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& weight_scale, int64_t rank) {
+  const int64_t K = x.size(-1);
+  return (K + 2 * rank + 127) / 128 * 128 <= LYNX_WHOLE_ROW_MAX_K && rank % 16 == 0 && (K / 2 + rank) % 16 == 0 &&
+         weight_scale.scalar_type() == at::kFloat && weight_scale.dim() == 1 &&
+         weight_scale.size(0) == weight.size(0) && weight_scale.device() == x.device();
+}
+
 at::Tensor producer_sparse_linear(const at::Tensor& x, c10::string_view producer, const std::optional<at::Tensor>& mul,
                                   const std::optional<at::Tensor>& add, double producer_eps, const at::Tensor& weight,
-                                  const std::optional<at::Tensor>& bias, int64_t n, int64_t m, bool norm, double eps) {
+                                  const std::optional<at::Tensor>& bias, int64_t n, int64_t m, bool norm, double eps,
+                                  const std::optional<at::Tensor>& weight_scale) {
   const int kind = producer_kind(producer);
   int64_t samples = 1;
   const bool layer_norm = kind == LYNX_PRODUCER_LAYER_NORM;
+  const bool e4m3 = weight_scale.has_value();
   const bool fits = kind > 0 && x.size(-1) > 0 && weight.dim() == 2 && weight.size(1) == x.size(-1) &&
                     (layer_norm ? x.size(-1) <= LYNX_WHOLE_ROW_MAX_K : !mul && !add) &&
-                    producer_rows_fit(x, mul, add, samples);
-  if (!fits || !kernel_takes(x, weight, bias, n, m, x.size(-1))) {
+                    producer_rows_fit(x, mul, add, samples) && (!e4m3 || e4m3_fits(x, weight, *weight_scale, 0));
+  if (!fits || !kernel_takes(x, weight, bias, n, m, x.size(-1), e4m3)) {
     return call_python(g_fallback_producer, x, std::string(producer), mul, add, producer_eps, weight, bias, n, m, norm,
-                       eps);
+                       eps, weight_scale);
   }
   const LynxProducer fused{kind, mul ? mul->const_data_ptr<float>() : nullptr,
                            add ? add->const_data_ptr<float>() : nullptr, static_cast<int>(samples),
                            static_cast<float>(producer_eps)};
-  return launch(x, weight, bias, norm, eps, std::nullopt, &fused);
+  return launch(x, weight, bias, norm, eps, std::nullopt, &fused, e4m3 ? &*weight_scale : nullptr);
 }
 
 at::Tensor sparse_linear_e4m3(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& weight_scale,
                               const std::optional<at::Tensor>& bias, int64_t n, int64_t m, bool norm, double eps,
                               const std::optional<at::Tensor>& lora_down) {
   const int64_t K = x.size(-1), rank = lora_down ? lora_down->size(0) : 0;
-  // The e4m3 sparsify pass holds whole rows (LoRA columns included) and writes 16-byte aligned rows.
   const bool lora_fits = !lora_down || (lora_down->dim() == 2 && lora_down->size(1) == K &&
                                         lora_down->scalar_type() == x.scalar_type() &&
                                         lora_down->device() == x.device() && lora_down->is_contiguous());
   const bool fits = lora_fits && weight.dim() == 2 && weight.size(1) == K + 2 * rank &&
-                    (K + 2 * rank + 127) / 128 * 128 <= LYNX_WHOLE_ROW_MAX_K && rank % 16 == 0 &&
-                    (K / 2 + rank) % 16 == 0 && weight_scale.scalar_type() == at::kFloat && weight_scale.dim() == 1 &&
-                    weight_scale.size(0) == weight.size(0) && weight_scale.device() == x.device();
+                    e4m3_fits(x, weight, weight_scale, rank);
   if (!fits || !kernel_takes(x, weight, bias, n, m, K, /*e4m3=*/true)) {
     return call_python(g_fallback_e4m3, x, weight, weight_scale, bias, n, m, norm, eps, lora_down);
   }

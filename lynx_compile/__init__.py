@@ -11,10 +11,12 @@ from .diagnostics import LynxWarning
 from .fp8 import E4M3Linear, convert_to_fp8
 from .recording import ForwardRecorder
 from .report import LayerDecision, Report
+from .steps import StepSchedule, dense_forward, measure_step_costs
 from .types import CompensationMode, Decision, Precision, Role
 
 __all__ = [
     "Compensation", "CompensationMode", "Decision", "E4M3Linear", "ForwardRecorder", "LayerDecision", "LynxBackend", "LynxConfig",
-    "LynxWarning", "Precision", "Report", "Role", "backend", "calibrate", "convert_to_fp8", "explain",
+    "LynxWarning", "Precision", "Report", "Role", "StepSchedule", "backend", "calibrate", "convert_to_fp8", "dense_forward",
+    "explain", "measure_step_costs",
 ]
 __version__ = "0.1.0"

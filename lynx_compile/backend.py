@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import itertools
 import logging
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -13,9 +16,10 @@ import torch.fx as fx
 from . import ops  # noqa: F401  (defines torch.ops.lynx.*)
 from .config import LynxConfig
 from .diagnostics import graph_warnings, warn_once
-from .passes import PassContext, run_pipeline
+from .passes import DUMP_DIR_ENV, PassContext, run_pipeline
 from .passes.graph import tensor_rank
 from .report import LayerDecision, Report
+from .steps import SWITCH
 from .types import Decision
 
 log = logging.getLogger("lynx_compile")
@@ -62,6 +66,45 @@ def _inference_only(run: Callable) -> Callable:
     return compiled
 
 
+def _switched(sparse: Callable, dense: Callable) -> Callable:
+    """One callable for a graph compiled twice: its dense twin while ``steps.SWITCH.dense`` is set (a dense
+    step of a ``StepSchedule``), else the lynx graph. Read per call in plain Python, so the step is in no
+    Dynamo guard and switching never recompiles."""
+    switch = SWITCH
+
+    def compiled(*args: Any) -> Any:
+        if switch.dense:
+            switch.twin_ran = True
+            return dense(*args)
+        return sparse(*args)
+
+    return compiled
+
+
+def _graph_copy(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of ``gm`` whose graph the lynx passes can rewrite apart: new nodes (their ``meta`` dicts
+    copied, the recorded fake values shared), the same parameters and submodules, and the attributes
+    Dynamo set on ``gm`` and its nodes (sources, graph-break reason) for the passes and AOT autograd."""
+    twin = fx.GraphModule(gm, copy.deepcopy(gm.graph), class_name=type(gm).__name__)
+    twin.meta = dict(gm.meta)
+    for node, copied in zip(gm.graph.nodes, twin.graph.nodes):
+        # Dynamo marks each placeholder with its source (_dynamo_source), which AOT autograd reads.
+        for key, value in vars(node).items():
+            vars(copied).setdefault(key, value)
+    for key, value in vars(gm).items():
+        if key not in vars(twin):
+            # The passes register the constants they add in _param_name_to_source: one dict per graph.
+            twin.__dict__[key] = copy.copy(value) if isinstance(value, (dict, list)) else value
+    return twin
+
+
+def _dense_config(config: LynxConfig) -> LynxConfig:
+    """``config`` with no layer sparse: what a dense step runs (in the config's precision)."""
+    return dataclasses.replace(config, include=None, exclude=None, sparse_roles=frozenset(), compensation="none",
+                               compensation_state=None, sensitivity=None, max_layer_error=None, dense_flop_budget=None,
+                               step_schedule=None)
+
+
 class LynxBackend:
     """A Dynamo backend callable; ``report`` collects the decisions of every graph it compiled."""
 
@@ -82,25 +125,27 @@ class LynxBackend:
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any], options: dict | None = None,
                  mode: str | None = None) -> Callable:
         """``options`` override config fields; ``mode`` is torch.compile's, applied to Inductor
-        (``"reduce-overhead"``: CUDA graphs; ``"max-autotune"``...)."""
+        (``"reduce-overhead"``: CUDA graphs; ``"max-autotune"``...). With a ``step_schedule`` in the
+        config, a graph with sparse layers is compiled twice (see ``_switched``)."""
         config = self.config.with_options(options)
         from . import kernels
 
         kernels.load()  # once: builds/loads the CUDA kernels of the lynx ops where a GPU takes them; False elsewhere
         graph_index = next(_graph_counter)
+        # Taken before the passes rewrite gm: the graph a dense step runs.
+        twin = _graph_copy(gm) if config.step_schedule is not None else None
         ctx = PassContext(gm, list(example_inputs), config, graph_index=graph_index)
         run_pipeline(gm, ctx, self.dump_dir)
-        if self.inductor:
-            from torch._inductor.compile_fx import compile_fx
-
-            # Inference only: compiling under no_grad gives Inductor an inference graph, and
-            # the lynx ops have no backward.
-            mode_options = torch._inductor.list_mode_options(mode) if mode else {}
-            with torch.no_grad(), torch._inductor.config.patch(mode_options):
-                compiled = compile_fx(gm, list(example_inputs))
-        else:
-            compiled = gm.forward
+        compiled = self._compile(gm, example_inputs, mode)
+        if not self.inductor:
             self.graph_modules.append(gm)
+        if twin is not None and any(d.decision == Decision.SPARSE for d in ctx.decisions):
+            # Its decisions (all dense) are not reported: the report describes the lynx graph.
+            dense_ctx = PassContext(twin, list(example_inputs), _dense_config(config), graph_index=graph_index,
+                                    breaks=ctx.breaks)
+            dump_dir = self.dump_dir or os.environ.get(DUMP_DIR_ENV)
+            run_pipeline(twin, dense_ctx, os.path.join(dump_dir, "dense-twin") if dump_dir else None)
+            compiled = _switched(compiled, self._compile(twin, example_inputs, mode))
         # Recorded only now: Inductor may raise to make Dynamo restart the trace, and the
         # retried graph then comes through here again.
         self._record(ctx.decisions, graph_index)
@@ -108,6 +153,17 @@ class LynxBackend:
             has_token_dim = any((tensor_rank(node) or 0) > 2 for node in gm.graph.nodes)
             warn_once(graph_warnings(ctx.decisions, config, has_token_dim))
         return _inference_only(compiled)
+
+    def _compile(self, gm: fx.GraphModule, example_inputs: Sequence[Any], mode: str | None) -> Callable:
+        if not self.inductor:
+            return gm.forward
+        from torch._inductor.compile_fx import compile_fx
+
+        # Inference only: compiling under no_grad gives Inductor an inference graph, and
+        # the lynx ops have no backward.
+        mode_options = torch._inductor.list_mode_options(mode) if mode else {}
+        with torch.no_grad(), torch._inductor.config.patch(mode_options):
+            return compile_fx(gm, list(example_inputs))
 
     def _record(self, decisions: list[LayerDecision], graph_index: int) -> None:
         for decision in decisions:

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from numbers import Real
 from typing import Any
 
+from .steps import StepSchedule
 from .types import CompensationMode, Precision, Role
 
 DEFAULT_SPARSE_ROLES = frozenset({Role.ATTN_QKV, Role.MLP_UP, Role.MLP_DOWN})
@@ -64,13 +65,12 @@ class LynxConfig:
     slower than dense cuBLAS (``lynx_compile.passes.speed_policy``). Off: every selected
     layer the kernel can take runs sparse, e.g. for quality studies."""
 
-    fuse_producers: bool = False
+    fuse_producers: bool = True
     """Run the kernel that produces a sparse layer's input (adaLN's LayerNorm and modulation,
     GELU, SiLU) inside the layer's sparsify step, so that the producer's output is never written
-    and read back (``lynx_compile.passes.fuse_producers``). Off by default: it gains on a lone
-    producer + linear but loses inside DiT-XL (benchmarks/README.md, "Producer fused into the
-    sparsify step"). Off: the producer stays a kernel of its own and the sparsify step reads its
-    output."""
+    and read back (``lynx_compile.passes.fuse_producers``). A producer the pass cannot take, or a
+    layer with folded LoRA, keeps the separate sparsify step, and ``explain()`` says why. Off: the
+    producer stays a kernel of its own and the sparsify step reads its output."""
 
     eps: float = NORM_EPS
     """eps of the norm-compensation scale sqrt(||x||^2 / (||x~||^2 + eps))."""
@@ -91,6 +91,11 @@ class LynxConfig:
     kept dense for sensitivity. Layers go dense in order of decreasing measured error, while
     their error exceeds ``max_layer_error`` (if set) and the next one still fits the budget.
     None: no FLOP cap (only ``max_layer_error`` applies). Counted per compiled graph."""
+
+    step_schedule: StepSchedule | None = None
+    """Timestep-adaptive sparsity: the sampling steps that run dense (``lynx_compile.StepSchedule``). With one, every
+    graph that has sparse layers is compiled twice, sparse and as a dense twin, and ``with schedule.apply(compiled):``
+    around the sampling loop picks one per forward call (``lynx_compile.steps``). None: every call runs sparse."""
 
     @property
     def n(self) -> int:
@@ -150,6 +155,9 @@ class LynxConfig:
         for name, factors in (self.compensation_state or {}).items():
             check_lora_factors(name, factors)
         self._check_sensitivity()
+        if self.step_schedule is not None and not isinstance(self.step_schedule, StepSchedule):
+            raise ValueError("LynxConfig.step_schedule: expected a lynx_compile.StepSchedule or None, "
+                             f"got {type(self.step_schedule).__name__}")
 
     def _check_sensitivity(self) -> None:
         for name, upper in (("max_layer_error", None), ("dense_flop_budget", 1.0)):

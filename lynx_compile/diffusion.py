@@ -102,6 +102,13 @@ def guided_eps(model: EpsModel, x: Tensor, t: Tensor, y: Tensor, guidance_scale:
     return uncond + guidance_scale * (cond - uncond)
 
 
+def ddim_timesteps(schedule: NoiseSchedule, steps: int) -> list[int]:
+    """The timesteps ``ddim_sample`` visits, noisiest first: ``steps`` evenly spaced over ``[0, T)``."""
+    if not 1 <= steps <= schedule.steps:
+        raise ValueError(f"ddim_sample: steps must be in [1, {schedule.steps}], got {steps}")
+    return torch.linspace(schedule.steps - 1, 0, steps, dtype=torch.float64).round().long().tolist()
+
+
 @torch.no_grad()
 def ddim_sample(
     model: EpsModel,
@@ -117,10 +124,8 @@ def ddim_sample(
     """Deterministic DDIM (eta = 0) from the starting noise ``noise`` = x_T, in ``steps`` evenly
     spaced steps. Deterministic so that variants started from the same noise can be compared
     sample by sample. ``clip_x0`` clamps each x_0 estimate to the data range [-1, 1]."""
-    if not 1 <= steps <= schedule.steps:
-        raise ValueError(f"ddim_sample: steps must be in [1, {schedule.steps}], got {steps}")
     abar = schedule.alphas_cumprod
-    timesteps = torch.linspace(schedule.steps - 1, 0, steps, dtype=torch.float64).round().long().tolist()
+    timesteps = ddim_timesteps(schedule, steps)
     x = noise
     for i, t in enumerate(timesteps):
         t_batch = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
@@ -136,4 +141,4 @@ def ddim_sample(
     return x
 
 
-__all__ = ["EpsModel", "NoiseSchedule", "ddim_sample", "denoising_loss", "guided_eps"]
+__all__ = ["EpsModel", "NoiseSchedule", "ddim_sample", "ddim_timesteps", "denoising_loss", "guided_eps"]

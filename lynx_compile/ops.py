@@ -170,10 +170,18 @@ def unpack_lora_weight(weight_lora: Tensor, rank: int) -> tuple[Tensor, Tensor]:
 # layer per forward, and custom_op adds Python autograd and aliasing wrappers to every call, host
 # time that a DiT's hundreds of small GEMMs feel. Inference only: without an autograd kernel, a
 # backward through it raises.
+#
+# Every op that reads an activation asks Inductor for contiguous inputs. Without the tag Inductor
+# hands a custom op the strides eager tracing saw, and a DiT's residual stream is traced in the
+# patch embedding's transposed layout (token stride 1): the producer kernel of a fused layer would
+# then read it through a copy per layer. With it, Inductor lays the stream out row-major where it
+# is computed, at no cost.
+CONTIGUOUS_INPUTS = (torch.Tag.needs_contiguous_strides,)
 torch.library.define(
     "lynx::sparse_linear",
     "(Tensor x, Tensor weight, Tensor? bias, int n, int m, bool norm_compensation, "
     f"float eps={NORM_EPS!r}, Tensor? lora_down=None, Tensor? lora_up=None) -> Tensor",
+    tags=CONTIGUOUS_INPUTS,
 )
 
 
@@ -228,6 +236,7 @@ torch.library.define(
     "lynx::sparse_linear_lora",
     "(Tensor x, Tensor weight_lora, Tensor? bias, int n, int m, bool norm_compensation, float eps, "
     "Tensor lora_down) -> Tensor",
+    tags=CONTIGUOUS_INPUTS,
 )
 
 
@@ -290,20 +299,32 @@ def produce_reference(x: Tensor, producer: str, mul: Tensor | None, add: Tensor 
 torch.library.define(
     "lynx::producer_sparse_linear",
     "(Tensor x, str producer, Tensor? mul, Tensor? add, float producer_eps, Tensor weight, Tensor? bias, int n, int m, "
-    "bool norm_compensation, float eps) -> Tensor",
+    "bool norm_compensation, float eps, Tensor? weight_scale=None) -> Tensor",
+    tags=CONTIGUOUS_INPUTS,
 )
+
+
+def check_producer_linear(x: Tensor, producer: str, mul: Tensor | None, add: Tensor | None, weight: Tensor,
+                          bias: Tensor | None, n: int, m: int, weight_scale: Tensor | None) -> None:
+    check_producer(x, producer, mul, add)
+    if weight_scale is None:
+        check_linear(x, weight, bias, n, m, None, None)
+    else:
+        check_linear_e4m3(x, weight, weight_scale, bias, n, m, None)
 
 
 def producer_sparse_linear(x: Tensor, producer: str, mul: Tensor | None, add: Tensor | None, producer_eps: float,
                            weight: Tensor, bias: Tensor | None, n: int, m: int, norm_compensation: bool,
-                           eps: float) -> Tensor:
+                           eps: float, weight_scale: Tensor | None = None) -> Tensor:
     """:func:`sparse_linear` of ``producer(x)``: ``layer_norm`` (``LN(x) * mul[s] + add[s]``, without LN's own affine,
     ``mul``/``add`` fp32 (S, K) rows per sample s of the S equal runs of tokens, None for 1 and 0), ``gelu``,
-    ``gelu_tanh`` or ``silu``. The sparse layers' graph pass writes it where the producer's output feeds only lynx
-    layers, so that the kernel reading ``x`` writes the sparse GEMM's operand and the output is never stored."""
-    check_producer(x, producer, mul, add)
-    check_linear(x, weight, bias, n, m, None, None)
+    ``gelu_tanh`` or ``silu``; :func:`sparse_linear_e4m3` of it where ``weight_scale`` is given (``weight`` then in
+    e4m3). The sparse layers' graph pass writes it where the producer's output feeds only lynx layers, so that the
+    kernel reading ``x`` writes the sparse GEMM's operand and the output is never stored."""
+    check_producer_linear(x, producer, mul, add, weight, bias, n, m, weight_scale)
     y = produce_reference(x, producer, mul, add, producer_eps)
+    if weight_scale is not None:
+        return sparse_linear_e4m3_reference(y, weight, weight_scale, bias, n, m, norm_compensation, eps, None)
     return sparse_linear_reference(y, weight, bias, n, m, norm_compensation, eps, None, None)
 
 
@@ -311,9 +332,8 @@ torch.library.impl("lynx::producer_sparse_linear", "CompositeExplicitAutograd")(
 
 
 @torch.library.register_fake("lynx::producer_sparse_linear")
-def _(x, producer, mul, add, producer_eps, weight, bias, n, m, norm_compensation, eps):
-    check_producer(x, producer, mul, add)
-    check_linear(x, weight, bias, n, m, None, None)
+def _(x, producer, mul, add, producer_eps, weight, bias, n, m, norm_compensation, eps, weight_scale=None):
+    check_producer_linear(x, producer, mul, add, weight, bias, n, m, weight_scale)
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
@@ -387,6 +407,7 @@ torch.library.define(
     "lynx::sparse_linear_e4m3",
     "(Tensor x, Tensor weight, Tensor weight_scale, Tensor? bias, int n, int m, bool norm_compensation, float eps, "
     "Tensor? lora_down=None) -> Tensor",
+    tags=CONTIGUOUS_INPUTS,
 )
 
 
@@ -417,8 +438,12 @@ def e4m3_linear(x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Tensor | 
     that produces ``x``, as it does for FP8 inference recipes built the same way."""
     x2 = x.reshape(-1, x.shape[-1])
     quantized, scale = quantize_e4m3(x2, x2.abs().amax(dim=-1, keepdim=True).float())
-    out = torch._scaled_mm(quantized, weight.t(), scale_a=scale, scale_b=weight_scale.reshape(1, -1), bias=bias,
+    # CUDA's rowwise _scaled_mm takes no bias with a float32 output: add it after.
+    fused_bias = bias if x.dtype != torch.float32 else None
+    out = torch._scaled_mm(quantized, weight.t(), scale_a=scale, scale_b=weight_scale.reshape(1, -1), bias=fused_bias,
                            out_dtype=x.dtype, use_fast_accum=True)
+    if bias is not None and fused_bias is None:
+        out = out + bias
     return out.reshape(*x.shape[:-1], weight.shape[0])
 
 

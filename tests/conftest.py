@@ -1,11 +1,19 @@
+import os
 from pathlib import Path
 
-import pytest
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
+# One intra-op thread per process: two xdist workers already share CI's 2 cores, and the
+# distributed tests add ranks; more threads only spin-wait on each other. Set before torch
+# starts, and inherited by the processes the tests start.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from lynx_compile.metrics import relative_error  # noqa: F401  (the tests' one error measure)
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from lynx_compile.metrics import relative_error  # noqa: E402, F401  (the tests' one error measure)
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))  # in case torch came in before this file
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
@@ -24,8 +32,8 @@ def sparse_kernels_or_skip():
     return kernels
 
 
-SLOWEST_FILES = ("test_parallel.py", "test_diffusers.py", "test_quality.py", "test_kernels.py", "test_backend.py",
-                 "test_dump.py", "test_calibrate.py", "test_bench.py")
+SLOWEST_FILES = ("test_diffusers.py", "test_parallel.py", "test_kernels.py", "test_backend.py", "test_quality.py",
+                 "test_steps.py", "test_photos.py", "test_dump.py", "test_calibrate.py", "test_bench.py")
 """The files that take longest on CPU, longest first. pytest-xdist (``--dist loadfile``) hands out
 whole files in collection order, so these start first and the workers finish close together."""
 

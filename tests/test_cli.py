@@ -21,7 +21,8 @@ def test_every_config_field_has_an_option_or_a_reason(tool):
     assert set(names) == {f.name for f in dataclasses.fields(LynxConfig)}
     for field, option in names.items():
         if option.startswith("not settable: "):
-            assert field in excluded and len(option) > len("not settable: ") and "--" + field.replace("_", "-") not in options
+            reasons = {**cli.NO_OPTION_FIELDS, **excluded}
+            assert field in reasons and len(option) > len("not settable: ") and "--" + field.replace("_", "-") not in options
         else:
             assert option in options, f"{tool}: LynxConfig.{field} has no option {option}"
 
@@ -113,3 +114,9 @@ def test_field_docs_are_the_help_texts():
     docs = cli.field_docs(LynxConfig)
     assert set(docs) == {f.name for f in dataclasses.fields(LynxConfig)}
     assert docs["exclude"] == "Regex over module qualified names that always stay dense; applied after include."
+
+
+def test_the_step_schedule_is_set_in_code_and_by_lynx_bench_own_options():
+    assert cli.config_option_names()["step_schedule"].startswith("not settable: a lynx_compile.StepSchedule")
+    assert "--sparse-fraction" in cli.config_option_names(bench.BENCH_EXCLUDED_FIELDS)["step_schedule"]
+    assert "--step-schedule" not in dump.build_parser()._option_string_actions

@@ -98,3 +98,15 @@ def test_lora_factors_are_checked_as_a_pair_and_against_the_layer():
     check_lora_factors("a", (down, up), (16, 8))
     with pytest.raises(ValueError, match=r"LoRA factors of layer 'a' do not fit its weight \(16, 12\)"):
         check_lora_factors("a", (down, up), (16, 12))
+
+
+def test_a_step_schedule_is_a_config_field_set_in_code_or_through_options():
+    from lynx_compile import StepSchedule
+
+    schedule = StepSchedule(25, {0, 1, 2})
+    assert LynxConfig().step_schedule is None
+    assert LynxConfig.from_options({"step_schedule": schedule}).step_schedule is schedule
+    assert LynxConfig(step_schedule=schedule) == LynxConfig(step_schedule=StepSchedule(25, [2, 1, 0]))
+    assert hash(LynxConfig(step_schedule=schedule)) != hash(LynxConfig())
+    with pytest.raises(ValueError, match="LynxConfig.step_schedule: expected a lynx_compile.StepSchedule"):
+        LynxConfig(step_schedule="25:0,1,2")

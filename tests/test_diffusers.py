@@ -71,9 +71,10 @@ def test_compiled_output_matches_the_reference_and_batch_changes_do_not_recompil
         with torch.no_grad():
             out = compiled(**inputs)
         sparse = [l.name for l in backend.report.sparse]
-        expected = reference_forward(workload.model, [], sparse, compiler="inductor" if batch == 2 else None, **inputs)
-        # See test_backend: Inductor's fp32 reassociation flips near-tied top-2 choices.
-        assert relative_error(out, expected) < (1e-4 if batch == 2 else 2e-3)
+        expected = reference_forward(workload.model, [], sparse, **inputs)
+        # Against the eager reference: Inductor's fp32 reassociation flips near-tied top-2 choices (test_backend
+        # compares with an Inductor-compiled reference to 1e-4).
+        assert relative_error(out, expected) < 2e-3
     assert backend.report.graphs == 1
 
 

@@ -1,5 +1,7 @@
 """passes/fuse_producers.py: the kernel producing a sparse layer's input moves into the layer's sparsify step."""
 
+import re
+
 import pytest
 import torch
 import torch.nn as nn
@@ -99,8 +101,9 @@ def test_two_dimensional_tokens_use_one_row_for_every_token():
 def test_layers_left_unfused_say_why():
     torch.manual_seed(0)
     block = Block().eval()
-    _, off = run(block, block_inputs(), LynxConfig())
-    assert set(producers(off).values()) == {"not fused: fuse_producers is off"}, "off by default"
+    _, off = run(block, block_inputs(), LynxConfig(fuse_producers=False))
+    assert set(producers(off).values()) == {"not fused: fuse_producers is off"}
+    assert LynxConfig().fuse_producers, "on by default"
     factors = {"qkv": (torch.randn(8, D) / D, torch.randn(3 * D, 8) / 8)}
     _, lora = run(block, block_inputs(), LynxConfig(compensation="lora", compensation_state=factors, fuse_producers=True))
     assert producers(lora)["qkv"] == "not fused: the folded LoRA reads the producer's output"
@@ -117,3 +120,50 @@ def test_dynamic_batch_keeps_one_graph_with_per_sample_rows(block):
         for args, unfused in zip(inputs, expected):
             assert relative_error(compiled(*args), unfused) < 1e-5
     assert backend.report.graphs == 1 and set(producers(backend).values()) == {"fused layer_norm", "fused gelu_tanh"}
+
+
+class PatchTokens(nn.Module):
+    """A DiT's first LayerNorm producer: tokens from a patch convolution, so eager strides put the token dim innermost."""
+
+    def __init__(self):
+        super().__init__()
+        self.patch = nn.Conv2d(4, D, 2, stride=2)
+        self.norm = nn.LayerNorm(D, elementwise_affine=False)
+        self.linear = nn.Linear(D, D)
+
+    def forward(self, image, position):
+        tokens = self.patch(image).flatten(2).transpose(1, 2) + position
+        return self.linear(self.norm(tokens)) + tokens
+
+
+def test_the_residual_stream_reaches_the_fused_kernel_row_major_without_a_copy():
+    """The lynx ops ask Inductor for contiguous inputs, so Inductor writes the residual stream row-major where it is
+    computed, instead of in the traced transposed layout that the op would have to copy."""
+    from torch._inductor.utils import run_and_get_code
+
+    torch.manual_seed(0)
+    torch._dynamo.reset()
+    model, args = PatchTokens().eval(), (torch.randn(2, 4, 8, 8), torch.randn(1, 16, D))
+    compiled = torch.compile(model, backend=lynx_compile.backend(include="linear", fuse_producers=True), fullgraph=True)
+    with torch.no_grad(), torch._inductor.config.patch(force_disable_caches=True):
+        out, (code,) = run_and_get_code(compiled, *args)
+    fused_input = re.search(r"torch\.ops\.lynx\.producer_sparse_linear\.default\((\w+),", code).group(1)
+    stream_shape = rf"\(2, 16, {D}\), \(([\d, ]+)\)"
+    allocation = re.search(rf"{fused_input} = (?:empty_strided_cpu\(|reinterpret_tensor\(\w+, ){stream_shape}", code)
+    assert allocation, f"{fused_input} is not a buffer of the stream's shape"
+    assert allocation.group(1) == f"{16 * D}, {D}, 1", f"{fused_input} is not row-major"
+    unfused, _ = run(model, args, LynxConfig(include="linear"))
+    assert relative_error(out, unfused) < 1e-5
+
+
+def test_fp8_layers_fuse_their_producers_into_the_e4m3_sparsify_step(block):
+    args = block_inputs()
+    fp8 = LynxConfig(precision="fp8", fuse_producers=True)
+    out, backend = run(block, args, fp8)
+    assert producers(backend) == {"qkv": "fused layer_norm", "fc1": "fused layer_norm", "fc2": "fused gelu_tanh"}
+    assert {layer.precision for layer in backend.report.sparse} == {"e4m3"}
+    weight_scales = [gm_node.args[11] for gm in backend.graph_modules for gm_node in gm.graph.nodes
+                     if gm_node.target is torch.ops.lynx.producer_sparse_linear.default]
+    assert len(weight_scales) == 3 and all(scale is not None for scale in weight_scales)
+    unfused, _ = run(block, args, fp8.with_options({"fuse_producers": False}))
+    assert relative_error(out, unfused) < 1e-5

@@ -85,6 +85,21 @@ def test_load_without_a_gpu_returns_false_without_nvcc(tmp_path):
     assert not log.exists() and not (tmp_path / "cache").exists()
 
 
+def test_kernels_switched_off_load_nothing(tmp_path):
+    """LYNX_COMPILE_KERNELS=off: load() is False with that reason on any machine, and nvcc never runs."""
+    log = tmp_path / "nvcc.log"
+    fake_nvcc = tmp_path / "nvcc"
+    fake_nvcc.write_text(f"#!/bin/sh\necho ran >> {log}\nexit 1\n")
+    fake_nvcc.chmod(0o755)
+    env = {**os.environ, "NVCC": str(fake_nvcc), "LYNX_COMPILE_CACHE_DIR": str(tmp_path / "cache"),
+           "LYNX_COMPILE_KERNELS": "off"}
+    code = "import lynx_compile.kernels as k; print(k.load(), k.available()); print(k.load_error())"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == ["False False", "LYNX_COMPILE_KERNELS=off"]
+    assert not log.exists()
+
+
 def test_two_processes_building_at_once_share_one_build(tmp_path):
     """The cache is written under a file lock with an atomic rename: concurrent first uses of
     the kernels (two workers starting together) build once and both load the same library."""

@@ -102,6 +102,31 @@ def test_folded_lora_in_e4m3_matches_the_reference(K, dtype, rank):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("producer,samples,Kf,N", [("layer_norm", 2, 1152, 3456), ("layer_norm", 1, 3072, 1024),
+                                                   ("gelu_tanh", 1, 4608, 1152), ("silu", 1, 256, 512)])
+def test_producer_fused_into_the_e4m3_sparsify_step(K, dtype, producer, samples, Kf, N):
+    """The producer runs inside the e4m3 sparsify pass: the op is the e4m3 layer of the producer's output."""
+    torch.manual_seed(Kf + N)
+    x = torch.randn(samples, 150, Kf, device="cuda").to(dtype)
+    rows = [torch.randn(samples, Kf, device="cuda") for _ in range(2)] if producer == "layer_norm" else [None, None]
+    w8, w_scale = ops.quantize_weight_e4m3((torch.randn(N, Kf, device="cuda") / Kf ** 0.5).to(dtype))
+    b = torch.randn(N, device="cuda").to(dtype)
+    args = (x, producer, *rows, 1e-6, w8, b, 2, 4, True, ops.NORM_EPS, w_scale)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no reference fallback
+        out = torch.ops.lynx.producer_sparse_linear(*args)
+    produced = ops.produce_reference(x, producer, *rows, 1e-6)
+    ref = ops.sparse_linear_e4m3_reference(produced.double(), w8, w_scale, b, 2, 4, True, ops.NORM_EPS, None)
+    assert torch.isfinite(out).all() and relative_error(out, ref) < 1e-2
+    assert torch.equal(out, K.registry.producer_sparse_linear_cuda(*args)), "C++ and Python kernels differ"
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = torch.ops.lynx.producer_sparse_linear(*args)
+    graph.replay()
+    assert torch.equal(captured, out)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_zero_inf_nan_tokens(K, dtype):
     x = torch.randn(6, 256, device="cuda").to(dtype)
     x[1] = 0

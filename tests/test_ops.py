@@ -168,14 +168,33 @@ def test_e4m3_opcheck():
                           test_utils=("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic"))
 
 
-def test_e4m3_linear_is_the_rowwise_scaled_product():
-    x = torch.randn(2, 7, 64, dtype=torch.bfloat16)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_e4m3_linear_is_the_rowwise_scaled_product(dtype):
+    """float32 too: CUDA's rowwise _scaled_mm takes no bias with a float32 output, so the op adds it after."""
+    x = torch.randn(2, 7, 64, dtype=dtype)
     x[0, 3] = 0
     w8, scale = ops.quantize_weight_e4m3(torch.randn(32, 64))
-    b = torch.randn(32, dtype=torch.bfloat16)
+    b = torch.randn(32, dtype=dtype)
     out = ops.e4m3_linear(x, w8, scale, b)
     amax = x.float().abs().amax(-1, keepdim=True)
     q, x_scale = ops.quantize_e4m3(x, amax)
     expected = (q.float() * x_scale) @ (w8.float() * scale[:, None]).t() + b.float()
-    assert out.shape == (2, 7, 32) and out.dtype == torch.bfloat16
+    assert out.shape == (2, 7, 32) and out.dtype == dtype
     torch.testing.assert_close(out.float(), expected, rtol=2e-2, atol=2e-2)
+
+
+def test_producer_op_with_an_e4m3_weight_is_the_e4m3_layer_of_the_producer_output():
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 128, dtype=torch.bfloat16)
+    mul, add = torch.randn(2, 128), torch.randn(2, 128)
+    w8, scale = ops.quantize_weight_e4m3(torch.randn(48, 128))
+    b = torch.randn(48, dtype=torch.bfloat16)
+    out = torch.ops.lynx.producer_sparse_linear(x, "layer_norm", mul, add, 1e-6, w8, b, 2, 4, True, ops.NORM_EPS, scale)
+    produced = ops.produce_reference(x, "layer_norm", mul, add, 1e-6)
+    assert torch.equal(out, ops.sparse_linear_e4m3(produced, w8, scale, b, 2, 4, True, ops.NORM_EPS))
+    with pytest.raises(RuntimeError, match="float8_e4m3fn"):
+        torch.ops.lynx.producer_sparse_linear(x, "gelu", None, None, 0.0, w8.to(torch.bfloat16), b, 2, 4, True,
+                                              ops.NORM_EPS, scale)
+    torch.library.opcheck(torch.ops.lynx.producer_sparse_linear.default,
+                          (x, "layer_norm", mul, add, 1e-6, w8, b, 2, 4, True, ops.NORM_EPS, scale),
+                          test_utils=("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic"))

@@ -34,11 +34,17 @@ TINY_FLUX = dict(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1
 # Wide enough that every selected GPU linear runs the sparse kernels (K, N >= 256).
 GPU_FLUX = dict(TINY_FLUX, attention_head_dim=128, num_attention_heads=4, joint_attention_dim=256, pooled_projection_dim=64,
                 axes_dims_rope=(16, 56, 56))
-# On CPU the options of test_diffusers' flux case (the same model), whose compiled graph Inductor's
-# cache then serves to the unsharded reference here; the GPU run keeps layers the speed guard would
-# leave dense.
+# Every layer of the tiny Flux is a candidate; the GPU run keeps layers the speed guard would leave dense.
 LYNX_OPTIONS = {"cpu": dict(min_features=0), "cuda": dict(min_features=0, speed_guard=False)}
 GATHERS = ("this-torch", "torch-2.11-gather")
+
+
+def _lynx(device: torch.device) -> lynx_compile.LynxBackend:
+    """lynx's passes, then Inductor on the GPU only: on CPU these tests check sharding, graphs and recompiles, which
+    Dynamo and the passes decide, and Inductor's compile of three Flux graphs at once was most of their time on two
+    cores (test_diffusers compiles the same model with Inductor)."""
+    config = lynx_compile.LynxConfig(**LYNX_OPTIONS[device.type])
+    return lynx_compile.LynxBackend(config, inductor=device.type == "cuda")
 
 
 def _join(rank: int, init_file: str, device: torch.device) -> None:
@@ -83,12 +89,22 @@ def _flux(device: torch.device, mode: str, batches: tuple[int, int]) -> tuple[to
     return workload.model, [workload.kwargs, workload.make_inputs(batches[1], resolution=128, text_tokens=12)[1]]
 
 
+def _constant_floats():
+    """Trace the model's Python floats (norm eps, RoPE theta, nn.Embedding's norm_type) as
+    constants. Under dynamic=True Dynamo makes them symbols, Inductor specialises them again,
+    and Dynamo then traces the whole model a second time, in every process here; with
+    collectives in the graph, which keep AOTAutograd's cache away, that was most of each rank's
+    time. These tests are about sharding and dealing out prompts; test_diffusers and
+    test_backend compile these model classes with the floats symbolic."""
+    return torch._dynamo.config.patch(specialize_float=True)
+
+
 def _unsharded(device: torch.device, mode: str, batches: tuple[int, int]) -> dict:
     torch._dynamo.reset()  # other tests compiled DiffusersSample.forward in this process
     model, shapes = _flux(device, mode, batches)
-    backend = lynx_compile.backend(**LYNX_OPTIONS[device.type])
+    backend = _lynx(device)
     compiled = torch.compile(model, backend=backend, fullgraph=True, dynamic=True)
-    with torch.no_grad():
+    with torch.no_grad(), _constant_floats():
         outputs = [compiled(**kwargs).cpu() for kwargs in shapes]
     return {"outputs": outputs, "sparse": sorted(layer.name for layer in backend.report.sparse)}
 
@@ -99,14 +115,14 @@ def _sharded(device: torch.device, mode: str, batches: tuple[int, int]) -> dict:
     torch._dynamo.reset()
     counters.clear()
     model, shapes = _flux(device, mode, batches)
-    backend, traced_ops = lynx_compile.backend(**LYNX_OPTIONS[device.type]), set()
+    backend, traced_ops = _lynx(device), set()
 
     def recording(gm, example_inputs, **kwargs):
         traced_ops.update(str(node.target) for node in gm.graph.nodes if node.op == "call_function")
         return backend(gm, example_inputs, **kwargs)
 
     compiled = torch.compile(context_parallel(model, mode=mode), backend=recording, fullgraph=True, dynamic=True)
-    with torch.no_grad():
+    with torch.no_grad(), _constant_floats():
         outputs = [compiled(**kwargs).cpu() for kwargs in shapes]
     return {"outputs": outputs, "sparse": sorted(layer.name for layer in backend.report.sparse),
             "graphs": backend.report.graphs, "frames": counters["stats"]["unique_graphs"],
@@ -161,7 +177,9 @@ def test_ulysses_sharded_flux_matches_unsharded_on_cpu(ulysses_on_cpu, gather):
     them, the same sparse layers, one graph, and no recompile when batch, resolution and text
     length change; also with the output gather laid out as in torch 2.11 (the GPU image's)."""
     unsharded, results = ulysses_on_cpu
-    _check_sharded(unsharded, [runs[gather] for runs in results], tolerance=1e-5)
+    # Sharded attention sums in another order: a near-tie inside one 2:4 group downstream can then keep the
+    # other value, which moves the output by about 2e-5. A sharding mistake moves it by far more.
+    _check_sharded(unsharded, [runs[gather] for runs in results], tolerance=1e-4)
 
 
 def _roles(report) -> dict:
@@ -245,15 +263,24 @@ def _generate_parallel():
     return importlib.import_module("generate_parallel")
 
 
+def _generation():
+    """Five prompts, three steps, through lynx's passes without Inductor: the split of the prompts is under test
+    (test_generate_parallel_runs_under_torchrun runs the documented command, Inductor included)."""
+    backend = lynx_compile.LynxBackend(inductor=False)
+    with _constant_floats():
+        return _generate_parallel().generate(labels=list(range(5)), steps=3, backend=backend)
+
+
 def _one_process_generation():
     torch._dynamo.reset()
-    return _generate_parallel().generate(labels=list(range(5)), steps=3, backend="lynx")
+    return _generation()
 
 
 def _generate(rank: int, init_file: str, out_dir: str) -> None:
     _join(rank, init_file, torch.device("cpu"))
     try:
-        torch.save(_generate_parallel().generate(labels=list(range(5)), steps=3, backend="lynx"), Path(out_dir, f"rank{rank}.pt"))
+        result = _generation()
+        torch.save(result, Path(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 

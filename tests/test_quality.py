@@ -1,4 +1,5 @@
-"""The quality harness on the shipped digits DiT: orderings that must hold, not exact figures."""
+"""The quality harness on the shipped digits DiT: orderings that must hold, not exact figures.
+(The same harness on a photo model: tests/test_photos.py.)"""
 
 import importlib
 import json
@@ -36,6 +37,10 @@ def test_every_variant_measured_and_finite(output):
                 assert math.isfinite(value), (name, key)
     dense = output["variants"]["dense"]
     assert dense["layer_error_worst"] == 0.0
+    sweep = [str(t) for t in quality.QUICK.sweep]
+    for name, metrics in output["variants"].items():
+        assert list(metrics["heldout_loss_by_t"]) == sweep
+        assert name == "dense" or list(metrics["eps_error_by_t"]) == sweep
     # The shipped model has learned the digits: its samples are recognisable.
     assert dense["digit_accuracy"] >= 0.7
     assert output["classifier_test_accuracy"] >= 0.9
@@ -83,16 +88,46 @@ def test_mlp_down_inputs_are_heavy_tailed_and_keep_more_energy_under_2of4_than_w
         assert stats["input_2of4_energy_kept"] > 0.9 > stats["weight_2of4_energy_kept"]
 
 
+def test_findings_state_the_ordering_and_the_plain_default(output):
+    found = quality.findings(output)
+    v = output["variants"]
+    # The LoRA variant is not in this run: the ordering is checked on the three measured.
+    assert list(found["eps_error_ordering"]) == ["weight 2:4", "act 2:4", "act 2:4 + norm"]
+    assert not found["eps_error_ordering_complete"]
+    assert found["eps_error_ordering_holds"] == (
+        v["weight 2:4"]["eps_error_mean"] > v["act 2:4"]["eps_error_mean"] > v["act 2:4 + norm"]["eps_error_mean"])
+    assert found["plain_default_heldout_loss_ratio"] == v["act 2:4 + norm"]["heldout_loss"] / v["dense"]["heldout_loss"]
+    assert found["plain_default_psnr_db"] == v["act 2:4 + norm"]["psnr_db"]
+    text = quality.findings_text(found)
+    assert ("holds" if found["eps_error_ordering_holds"] else "does NOT hold") in text.splitlines()[0]
+    assert "plain default" in text.splitlines()[1]
+
+
 def test_sample_grid_and_json(output, tmp_path):
     path = tmp_path / "grid.png"
     quality.sample_grid(output, path)
+    import numpy as np
     from PIL import Image
 
     with Image.open(path) as image:
         assert image.height > len(VARIANT_NAMES) * 8 * 6
+        pixels = np.asarray(image)
+    # The labels end before the samples start: a white margin separates the label column from the first tile.
+    columns = quality.QUICK.samples_per_class * 10
+    label_width = image.width - columns * (8 * 6 + 2)
+    assert (pixels[:, label_width - 4 : label_width] == 255).all()
+    assert (pixels[:, : label_width - 4] < 128).any(axis=0).sum() > 100  # and there is text
     text = quality.table(output)
     assert all(name in text for name in VARIANT_NAMES)
     json.dumps(quality.json_ready(output))  # the tensors are left out, the rest serialises
+
+
+def test_result_file_names_keep_the_digits_ones():
+    assert quality.result_stem("digits", "cpu", False) == "quality-cpu"
+    assert quality.result_stem("digits", "cpu", True) == "quality-cpu-quick"
+    assert quality.grid_name("digits", False) == "quality-samples.png"
+    assert quality.result_stem("photos", "cuda:0", False) == "quality-cuda-photos"
+    assert quality.grid_name("photos", True) == "quality-samples-photos-quick.png"
 
 
 def test_ssim_and_psnr_sanity():
@@ -105,3 +140,17 @@ def test_ssim_and_psnr_sanity():
     assert (quality.psnr(slightly, images) > quality.psnr(very, images)).all()
     # PSNR on the [0, 1] scale: a uniform error of 0.1 there (0.2 in [-1, 1]) is 20 dB.
     torch.testing.assert_close(quality.psnr(torch.full_like(images, 0.2), torch.zeros_like(images)), torch.full((4,), 20.0))
+
+
+def test_colour_ssim_matches_scikit_image():
+    """Per channel, then the mean: scikit-image's Gaussian-weighted SSIM with channel_axis, on valid positions."""
+    metrics = pytest.importorskip("skimage.metrics")
+    gen = torch.Generator().manual_seed(0)
+    reference = torch.rand(3, 3, 32, 32, generator=gen) * 2 - 1
+    images = (reference + 0.3 * torch.randn(reference.shape, generator=gen)).clamp(-1, 1)
+    ours = quality.ssim(images, reference, window=11, sigma=1.5)
+    theirs = [metrics.structural_similarity(((a + 1) / 2).permute(1, 2, 0).double().numpy(),
+                                            ((b + 1) / 2).permute(1, 2, 0).double().numpy(), data_range=1.0,
+                                            channel_axis=2, gaussian_weights=True, sigma=1.5, use_sample_covariance=False)
+              for a, b in zip(images, reference)]
+    torch.testing.assert_close(ours, torch.tensor(theirs, dtype=torch.float64), atol=1e-6, rtol=0)

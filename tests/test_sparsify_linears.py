@@ -20,8 +20,9 @@ def lynx_ops(backend):
 
 
 def compile_and_run(model, config, x):
+    """The graph as sparsify_linears leaves it: fuse_producers off (its rewrite is test_fuse_producers.py's)."""
     torch._dynamo.reset()  # nn.Sequential.forward is compiled by other test files too: no recompile limit here
-    backend = lynx_compile.LynxBackend(config, inductor=False)
+    backend = lynx_compile.LynxBackend(config.with_options({"fuse_producers": False}), inductor=False)
     with torch.no_grad():
         return torch.compile(model, backend=backend, fullgraph=True)(x), backend
 

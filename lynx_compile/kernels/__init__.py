@@ -18,6 +18,7 @@ The weight needs no preparation: ``nn.Linear``'s (N, K) row-major weight is the 
 
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 
@@ -64,8 +65,15 @@ def __getattr__(name: str) -> int:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+KERNELS_OFF_VARIABLE = "LYNX_COMPILE_KERNELS"
+"""Set to ``off`` to leave the kernels unloaded: every sparse layer then runs the reference op, also on a GPU and
+in float32, e.g. to measure the sparsity's numerics apart from the kernels'."""
+
+
 def _no_kernel_gpu() -> str | None:
-    """Why this machine has no GPU the kernels are built for (None: it has one)."""
+    """Why this machine has no GPU the kernels are built for, or they are switched off (None: they run)."""
+    if os.environ.get(KERNELS_OFF_VARIABLE, "").lower() == "off":
+        return f"{KERNELS_OFF_VARIABLE}=off"
     if not support.cuda_ok():
         return "no CUDA device visible to torch"
     reasons = [support.device_reason(torch.device("cuda", i)) for i in range(torch.cuda.device_count())]

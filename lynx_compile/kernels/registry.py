@@ -120,16 +120,20 @@ def _producer_reason(x: Tensor, producer: str, mul: Tensor | None, add: Tensor |
 
 def producer_sparse_linear_cuda(x: Tensor, producer: str, mul: Tensor | None, add: Tensor | None, producer_eps: float,
                                 weight: Tensor, bias: Tensor | None, n: int, m: int, norm_compensation: bool,
-                                eps: float) -> Tensor:
+                                eps: float, weight_scale: Tensor | None = None) -> Tensor:
     """Python kernel of ``lynx::producer_sparse_linear``: one sparsify pass that runs the producer on the loaded
-    input, then the sparse GEMM; the reference where the kernels can't take the call."""
+    input, then the sparse GEMM (e4m3 with ``weight_scale``); the reference where the kernels can't take the call."""
     ops.check_producer(x, producer, mul, add)  # per call: whether the tokens split into the samples depends on M
-    reason = _runtime_reason(x, weight, n, m, (bias, mul, add), lambda: ops.check_linear(x, weight, bias, n, m, None, None))
+    reason = _runtime_reason(x, weight, n, m, (bias, mul, add, weight_scale),
+                             lambda: ops.check_producer_linear(x, producer, mul, add, weight, bias, n, m, weight_scale))
     reason = reason or _producer_reason(x, producer, mul, add)
+    if reason is None and weight_scale is not None:
+        reason = support.e4m3_reason(x.shape[-1], 0)
     if reason is not None:
         _reference_fallback("producer_sparse_linear", reason)
-        return ops.producer_sparse_linear(x, producer, mul, add, producer_eps, weight, bias, n, m, norm_compensation, eps)
-    return _launch(x, weight, bias, norm_compensation, eps, None, (producer, mul, add, producer_eps))
+        return ops.producer_sparse_linear(x, producer, mul, add, producer_eps, weight, bias, n, m, norm_compensation, eps,
+                                          weight_scale)
+    return _launch(x, weight, bias, norm_compensation, eps, None, (producer, mul, add, producer_eps), weight_scale)
 
 
 def sparse_linear_e4m3_cuda(x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Tensor | None, n: int, m: int,

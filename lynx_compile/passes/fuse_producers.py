@@ -1,13 +1,14 @@
 """Move the kernel that produces a sparse layer's input into the layer's sparsify step.
 
 Matches:
-    ``lynx.sparse_linear(y, W, b, n, m, norm_compensation, eps)`` (no LoRA) whose input ``y`` is
+    ``lynx.sparse_linear(y, W, b, n, m, norm_compensation, eps)`` or ``lynx.sparse_linear_e4m3(y, W, w_scale, ...)``
+    (no LoRA) whose input ``y`` is
     * ``layer_norm(h, (K,), w, b, eps)`` followed by ``*``, ``+`` and ``-`` with operands constant over the tokens
       (scalars, ``(K,)`` vectors, per-sample ``(B, 1, K)`` rows): adaLN's ``LN(h) * (1 + scale) + shift``; or
     * ``gelu(h)`` (exact or tanh) or ``silu(h)``;
     where every node from ``h`` to ``y`` is used only on that path, and ``y`` only by lynx sparse layers.
 Replaces with:
-    ``lynx.producer_sparse_linear(h, producer, mul, add, producer_eps, W, b, n, m, norm_compensation, eps)``, one
+    ``lynx.producer_sparse_linear(h, producer, mul, add, producer_eps, W, b, n, m, norm_compensation, eps, w_scale)``, one
     per sparse layer that read ``y``: the layer norm's affine and the chain fold into fp32 per-sample ``mul``/``add``
     rows of shape (S, K), computed in the graph from the small operands. The kernel reads ``h`` once and writes only
     the compressed operand of the sparse GEMM, so ``y`` is never written and read back. The producer that stays is
@@ -31,10 +32,23 @@ _ADD, _MUL, _SUB = {"add", "__add__", "__radd__", "iadd"}, {"mul", "__mul__", "_
 _RSUB = {"rsub", "__rsub__"}
 
 
+def _layer_args(sparse: fx.Node) -> tuple[Any, ...] | None:
+    """``(x, weight, bias, n, m, norm_compensation, eps, weight_scale)`` of a lynx layer a producer can fuse into (a
+    16-bit or e4m3 one without LoRA), or None."""
+    if sparse.op != "call_function" or sparse.kwargs:
+        return None
+    if sparse.target is torch.ops.lynx.sparse_linear.default and len(sparse.args) <= 7:
+        x, weight, bias, n, m, norm, eps = (*sparse.args, ops.NORM_EPS)[:7]
+        return x, weight, bias, n, m, norm, eps, None
+    if sparse.target is torch.ops.lynx.sparse_linear_e4m3.default and (len(sparse.args) < 9 or sparse.args[8] is None):
+        x, weight, weight_scale, bias, n, m, norm, eps = sparse.args[:8]
+        return x, weight, bias, n, m, norm, eps, weight_scale
+    return None
+
+
 def _sparse_linear_users(node: fx.Node) -> list[fx.Node] | None:
     users = list(node.users)
-    if users and all(u.op == "call_function" and u.target is torch.ops.lynx.sparse_linear.default and u.args[0] is node
-                     for u in users):
+    if users and all((args := _layer_args(u)) is not None and args[0] is node for u in users):
         return users
     return None
 
@@ -188,11 +202,11 @@ def _layer_norm_args(node: fx.Node) -> tuple[fx.Node, Any, Any, Any] | None:
 
 def _replace(ctx: PassContext, users: list[fx.Node], h: fx.Node, producer: str, mul: Any, add: Any, eps: Any) -> None:
     for sparse in users:
-        x, weight, bias, n, m, norm, sparse_eps = (*sparse.args, *([None] * (7 - len(sparse.args))))[:7]
+        _, weight, bias, n, m, norm, sparse_eps, weight_scale = _layer_args(sparse)
         with ctx.gm.graph.inserting_before(sparse):
             fused = ctx.gm.graph.call_function(
                 torch.ops.lynx.producer_sparse_linear.default,
-                (h, producer, mul, add, eps, weight, bias, n, m, norm, sparse_eps if sparse_eps is not None else ops.NORM_EPS))
+                (h, producer, mul, add, eps, weight, bias, n, m, norm, sparse_eps, weight_scale))
         fused.meta.update(sparse.meta)
         set_fake_value(fused, fake_value(sparse))
         decision = sparse.meta.get("lynx")
@@ -209,10 +223,8 @@ def _not_fused(sparse: fx.Node, enabled: bool) -> str:
     """Why the input of a lynx layer left unfused is written by a kernel of its own."""
     if not enabled:
         return "not fused: fuse_producers is off"
-    if sparse.target is torch.ops.lynx.sparse_linear_lora.default:
+    if _layer_args(sparse) is None:  # sparse_linear_lora, or an e4m3 layer with its LoRA folded
         return "not fused: the folded LoRA reads the producer's output"
-    if sparse.target is torch.ops.lynx.sparse_linear_e4m3.default:
-        return "not fused: no producer runs in the e4m3 sparsify step"
     x = sparse.args[0]
     name = op_name(x) if isinstance(x, fx.Node) else "a constant"
     if isinstance(x, fx.Node) and _sparse_linear_users(x) is None:

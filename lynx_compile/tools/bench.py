@@ -3,7 +3,9 @@
 Each backend is compiled from a fresh Dynamo state and timed on the same inputs: steady-state
 forward latency (median after warm-up; CUDA events on GPU), compile time (first call), peak GPU
 memory, output error against eager, optionally the share of time in linear layers (profiler) and
-a full sampling loop. A backend that fails shows as a failed row; the run goes on.
+a full sampling loop (``--steps``; with ``--dense-steps`` or ``--sparse-fraction`` the lynx backends sample under
+that step schedule, compiled with a dense twin of each graph). A backend that fails shows as a failed row; the run
+goes on.
 ``--rounds N`` (N > 1) keeps every backend compiled in one Dynamo state, then times them
 round-robin for N rounds, so that drift of the machine hits all of them alike: the latency is the
 median of the round medians, shown with their range; peak memory is not measured then.
@@ -12,6 +14,7 @@ median of the round medians, shown with their range; peak memory is not measured
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import statistics
 import sys
@@ -28,6 +31,7 @@ from ..backend import LynxBackend
 from ..calibrate import calibrate
 from ..config import LynxConfig
 from ..metrics import relative_error
+from ..steps import StepSchedule, dense_forward
 from . import cli
 from .bench_output import Row, bar_chart, table
 from .results import device_slug, environment, write_json
@@ -39,7 +43,8 @@ BACKENDS = ("eager", "inductor", "inductor-reduce-overhead", "inductor-max-autot
             "lynx-lora-reduce-overhead", "lynx-fp8-reduce-overhead", "torchao-24-weight")
 DEFAULT_BACKENDS = ("eager", "inductor", "lynx-norm")
 DEFAULT_MODEL = "dit-xl-2"
-BENCH_EXCLUDED_FIELDS = {"compensation": "each lynx-<compensation> backend sets its own"}
+BENCH_EXCLUDED_FIELDS = {"compensation": "each lynx-<compensation> backend sets its own",
+                         "step_schedule": "--steps with --dense-steps or --sparse-fraction sets it"}
 """LynxConfig fields lynx-bench takes no option for, and why."""
 _LINEAR_KERNELS = ("addmm", "aten::mm", "linear", "lynx::", "gemm", "cutlass", "sm90")
 
@@ -136,8 +141,13 @@ def run_backend(name: str, workload: Workload, reference: torch.Tensor | None, c
                 row.rel_error = relative_error(out, reference)
             if args.profile:
                 row.linear_time_share = _linear_share(lambda: workload(fn), device)
+            schedule = lynx.config.step_schedule if lynx is not None else None
+            if schedule is not None:
+                row.step_schedule = f"{schedule.num_steps - len(schedule.dense_steps)}/{schedule.num_steps}"
+                # Also warms the dense twins (CUDA-graph recording) before the sampling loop is timed.
+                row.dense_step_ms = median_ms(_dense_call(workload, fn), device, args.warmup, args.repeat)
             if args.steps:
-                row.sampling_s = _sampling_loop(fn, workload, args.steps, device)
+                row.sampling_s = _sampling_loop(fn, workload, args.steps, device, schedule)
             if lynx is not None:
                 row.sparse_layers = f"{len(lynx.report.sparse)}/{len(lynx.report.layers)}"
     except Exception as err:  # one failing backend must not abort the comparison
@@ -149,19 +159,48 @@ def run_backend(name: str, workload: Workload, reference: torch.Tensor | None, c
     return row, lambda: workload(fn)
 
 
-def _sampling_loop(fn: Callable, workload: Workload, steps: int, device: torch.device) -> float:
-    """Seconds for ``steps`` denoising steps: each step feeds the output back as the latent."""
+def _dense_call(workload: Workload, fn: Callable) -> Callable[[], Any]:
+    def call() -> Any:
+        with dense_forward():
+            return workload(fn)
+
+    return call
+
+
+def _sampling_loop(fn: Callable, workload: Workload, steps: int, device: torch.device,
+                   schedule: StepSchedule | None = None) -> float:
+    """Seconds for ``steps`` denoising steps: each step feeds the output back as the latent; with a
+    ``schedule``, its dense steps run the dense twins."""
     args = list(workload.args)
     synchronize(device)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        out = fn(*args, **workload.kwargs)
-        if args and out.shape[:1] == args[0].shape[:1] and out.shape[1:] != args[0].shape[1:]:
-            out = out[:, : args[0].shape[1]]  # learned-sigma models return mean and variance
-        if args and out.shape == args[0].shape:
-            args[0] = args[0] - out / steps
-    synchronize(device)
-    return time.perf_counter() - t0
+    with schedule.apply(fn) if schedule is not None else contextlib.nullcontext():
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            out = fn(*args, **workload.kwargs)
+            if args and out.shape[:1] == args[0].shape[:1] and out.shape[1:] != args[0].shape[1:]:
+                out = out[:, : args[0].shape[1]]  # learned-sigma models return mean and variance
+            if args and out.shape == args[0].shape:
+                args[0] = args[0] - out / steps
+        synchronize(device)
+        return time.perf_counter() - t0
+
+
+def step_schedule_from_args(args: argparse.Namespace) -> StepSchedule | None:
+    """The schedule ``--steps`` with ``--dense-steps`` or ``--sparse-fraction`` describe (None without either);
+    ``--sparse-fraction`` keeps the first steps dense. ValueError for options that do not fit together."""
+    if args.dense_steps is None and args.sparse_fraction is None:
+        return None
+    if args.dense_steps is not None and args.sparse_fraction is not None:
+        raise ValueError("give one of --dense-steps and --sparse-fraction")
+    if args.steps < 1:
+        raise ValueError("--dense-steps and --sparse-fraction need --steps N (the sampling steps they refer to)")
+    if args.sparse_fraction is not None:
+        return StepSchedule.from_costs(range(args.steps, 0, -1), sparse_fraction=args.sparse_fraction)
+    try:
+        dense = frozenset(int(step) for step in args.dense_steps.split(",") if step.strip())
+    except ValueError:
+        raise ValueError(f"--dense-steps: expected comma-separated step indices, got {args.dense_steps!r}") from None
+    return StepSchedule(args.steps, dense)
 
 
 def _log(message: str) -> None:
@@ -222,6 +261,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="time the compiled backends round-robin over this many rounds and report the median of the "
                             "round medians with their range; peak memory is not measured then, as all backends stay loaded")
     group.add_argument("--steps", type=int, default=0, help="also time a sampling loop of this many steps (0: none)")
+    group.add_argument("--dense-steps", metavar="I,J,...",
+                       help="with --steps: the lynx backends run these steps (0: the first) dense and the others sparse, "
+                            "each graph compiled with a dense twin (LynxConfig.step_schedule)")
+    group.add_argument("--sparse-fraction", type=float, metavar="F",
+                       help="with --steps: the lynx backends run this fraction of the steps sparse and the first ones "
+                            "dense (instead of --dense-steps)")
     group.add_argument("--profile", action="store_true", help="measure the share of time in linear layers")
     group.add_argument("--out", default="benchmarks/results", help="folder for the JSON and PNG results")
     group.add_argument("--no-save", action="store_true", help="print the table only; write no result files")
@@ -241,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"unknown backend(s) {', '.join(unknown)}; known: {', '.join(BACKENDS)}")
         if args.rounds < 1 or args.repeat < 1 or args.warmup < 0:
             raise ValueError("--rounds and --repeat must be >= 1 and --warmup >= 0")
-        config = cli.config_from_args(args)
+        config = replace(cli.config_from_args(args), step_schedule=step_schedule_from_args(args))
         workload = cli.workload_from_args(args)
     except ValueError as err:
         return cli.error("lynx-bench", err)
@@ -260,7 +305,9 @@ def main(argv: list[str] | None = None) -> int:
         env = environment(device)
         stem = f"bench-{workload.name.replace(':', '_')}-{'quick-' if args.quick else ''}{device_slug(device)}"
         payload = {"model": workload.label, "model_overrides": workload.model_overrides, "shape": workload.shape,
-                   "dtype": args.dtype, "quick": args.quick, "rounds": args.rounds, "config": repr(config), **env,
+                   "dtype": args.dtype, "quick": args.quick, "rounds": args.rounds, "config": repr(config),
+                   "steps": args.steps, "step_schedule": None if config.step_schedule is None else str(config.step_schedule),
+                   **env,
                    "rows": [asdict(r) for r in rows]}
         write_json(payload, out / f"{stem}.json")
         charted = bar_chart(rows, out / f"{stem}.png", f"{workload.label} ({workload.shape}) on {payload['device']}")

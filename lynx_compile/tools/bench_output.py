@@ -23,6 +23,11 @@ class Row:
     rel_error: float | None = None
     linear_time_share: float | None = None
     sampling_s: float | None = None
+    """Seconds of the ``--steps`` sampling loop (under the step schedule, if any, for lynx backends)."""
+    step_schedule: str | None = None
+    """With a step schedule, on lynx backends: how many of the sampling steps ran sparse (``20/25``)."""
+    dense_step_ms: float | None = None
+    """With a step schedule, on lynx backends: latency of a dense step (the dense twins)."""
     sparse_layers: str | None = None
     error: str | None = None
 
@@ -44,15 +49,17 @@ def _latency(row: Row) -> str:
 def table(rows: list[Row]) -> str:
     speedups = _speedups(rows)
     fmt = lambda v, f: "-" if v is None else format(v, f)
+    scheduled = any(r.step_schedule for r in rows)  # the step-schedule columns only where one ran
     out = []
     for r in rows:
         speedup = f"{speedups[r.backend]:.2f}x" if r.backend in speedups else "-"
+        sampling = (r.step_schedule or "-", fmt(r.dense_step_ms, ".2f")) if scheduled else ()
         out.append((r.backend, r.status if r.status == "ok" else f"FAILED: {r.error}", _latency(r), speedup,
                     fmt(r.compile_s, ".1f"), fmt(r.peak_mem_gib, ".2f"), fmt(r.rel_error, ".2e"),
-                    fmt(r.linear_time_share, ".0%"), fmt(r.sampling_s, ".2f"), r.sparse_layers or "-"))
+                    fmt(r.linear_time_share, ".0%"), fmt(r.sampling_s, ".2f"), *sampling, r.sparse_layers or "-"))
     latency = "latency ms (round range)" if any(r.round_latency_ms for r in rows) else "latency ms"
     headers = ("backend", "status", latency, "vs inductor", "compile s", "peak GiB", "rel err vs eager",
-               "linear share", "sampling s", "sparse layers")
+               "linear share", "sampling s", *(("steps sparse", "dense step ms") if scheduled else ()), "sparse layers")
     return tabulate(out, headers=headers)
 
 

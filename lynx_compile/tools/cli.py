@@ -38,6 +38,12 @@ COMPENSATION_FILE_FIELDS = ("compensation_state", "sensitivity")
 """``LynxConfig`` fields that hold Python objects: on the command line both come from one saved
 ``Compensation`` (``--compensation-file``)."""
 
+NO_OPTION_FIELDS = {
+    "step_schedule": "a lynx_compile.StepSchedule, set in code (lynx-bench builds one from --steps with --dense-steps "
+                     "or --sparse-fraction)",
+}
+"""``LynxConfig`` fields no tool takes a generated option for, and why; a tool's own ``excluded`` reason replaces it."""
+
 _CONFIG_DEST = "lynx_config_"
 
 
@@ -192,8 +198,9 @@ def _show_default(value: Any) -> str:
 
 
 def config_option_names(excluded: Mapping[str, str] | None = None) -> dict[str, str]:
-    """``LynxConfig`` field -> the option that sets it, or ``"not settable: <reason>"`` for the excluded ones."""
-    excluded = dict(excluded or {})
+    """``LynxConfig`` field -> the option that sets it, or ``"not settable: <reason>"`` for the excluded ones
+    (``excluded`` and ``NO_OPTION_FIELDS``)."""
+    excluded = {**NO_OPTION_FIELDS, **(excluded or {})}
     names = {}
     for f in dataclasses.fields(LynxConfig):
         if f.name in COMPENSATION_FILE_FIELDS:
@@ -207,11 +214,11 @@ def config_option_names(excluded: Mapping[str, str] | None = None) -> dict[str, 
 
 def add_config_arguments(parser: argparse.ArgumentParser, excluded: Mapping[str, str] | None = None) -> None:
     """One option per ``LynxConfig`` field, except ``excluded`` (field -> why the tool sets it
-    itself), and ``--compensation-file`` for the ``COMPENSATION_FILE_FIELDS``.
+    itself) and ``NO_OPTION_FIELDS``, and ``--compensation-file`` for the ``COMPENSATION_FILE_FIELDS``.
 
     Options that are not given leave the field at its ``LynxConfig`` default (or, with
     ``--compensation-file``, at the value calibration used)."""
-    excluded = dict(excluded or {})
+    excluded = {**NO_OPTION_FIELDS, **(excluded or {})}
     group = parser.add_argument_group("lynx config (LynxConfig fields; an option not given keeps the field's default)")
     docs = field_docs(LynxConfig)
     hints = typing.get_type_hints(LynxConfig)
