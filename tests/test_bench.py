@@ -46,6 +46,10 @@ def test_chart_labels_every_bar_with_latency_and_speedup_and_marks_failures():
     assert labels == ["10.00 ms, 1.00x vs inductor", "8.00 ms, 1.25x vs inductor",
                       "FAILED: ModuleNotFoundError: No module named 'torchao'"]
     assert ax.get_title().startswith("dit-xl-2 (quick: depth 2, hidden 256)")
+    # Without plain inductor, the reduce-overhead one is the baseline, and the labels name it.
+    graphs = chart([Row("inductor-reduce-overhead", latency_ms=9.0), Row("lynx-norm-reduce-overhead", latency_ms=7.5)], "")
+    assert [text.get_text() for text in graphs.axes[0].texts] == [
+        "9.00 ms, 1.00x vs inductor-reduce-overhead", "7.50 ms, 1.20x vs inductor-reduce-overhead"]
     assert [tick.get_text() for tick in ax.get_yticklabels()] == ["inductor", "lynx-norm", "torchao-24-weight"]
 
 

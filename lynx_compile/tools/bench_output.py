@@ -32,10 +32,15 @@ class Row:
     error: str | None = None
 
 
-def _speedups(rows: list[Row]) -> dict[str, float]:
-    """Each timed backend's speedup against inductor (empty when inductor has no latency)."""
-    base = next((r.latency_ms for r in rows if r.backend == "inductor" and r.latency_ms), None)
-    return {r.backend: base / r.latency_ms for r in rows if base and r.latency_ms}
+BASELINES = ("inductor", "inductor-reduce-overhead")
+"""The backends speedups are taken against, the first one timed."""
+
+
+def _speedups(rows: list[Row]) -> tuple[str, dict[str, float]]:
+    """(the baseline's name, each timed backend's speedup against it); no speedups when no baseline was timed."""
+    timed = {r.backend: r.latency_ms for r in rows if r.latency_ms}
+    base = next((name for name in BASELINES if name in timed), BASELINES[0])
+    return base, {name: timed[base] / latency for name, latency in timed.items()} if base in timed else {}
 
 
 def _latency(row: Row) -> str:
@@ -47,7 +52,7 @@ def _latency(row: Row) -> str:
 
 
 def table(rows: list[Row]) -> str:
-    speedups = _speedups(rows)
+    base, speedups = _speedups(rows)
     fmt = lambda v, f: "-" if v is None else format(v, f)
     scheduled = any(r.step_schedule for r in rows)  # the step-schedule columns only where one ran
     out = []
@@ -58,20 +63,20 @@ def table(rows: list[Row]) -> str:
                     fmt(r.compile_s, ".1f"), fmt(r.peak_mem_gib, ".2f"), fmt(r.rel_error, ".2e"),
                     fmt(r.linear_time_share, ".0%"), fmt(r.sampling_s, ".2f"), *sampling, r.sparse_layers or "-"))
     latency = "latency ms (round range)" if any(r.round_latency_ms for r in rows) else "latency ms"
-    headers = ("backend", "status", latency, "vs inductor", "compile s", "peak GiB", "rel err vs eager",
+    headers = ("backend", "status", latency, f"vs {base}", "compile s", "peak GiB", "rel err vs eager",
                "linear share", "sampling s", *(("steps sparse", "dense step ms") if scheduled else ()), "sparse layers")
     return tabulate(out, headers=headers)
 
 
 def chart(rows: list[Row], title: str) -> Any:
-    """A matplotlib figure: one bar per backend with its latency and speedup against inductor;
+    """A matplotlib figure: one bar per backend with its latency and speedup against the baseline;
     failed backends keep their place, marked FAILED. Raises ImportError without matplotlib."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    speedups = _speedups(rows)
+    base, speedups = _speedups(rows)
     fig, ax = plt.subplots(figsize=(9, 0.5 * len(rows) + 1.5))
     latencies = [r.latency_ms or 0.0 for r in rows]
     colors = ["tab:red" if r.status != "ok" else "tab:orange" if r.backend.startswith("lynx") else "tab:gray" for r in rows]
@@ -83,7 +88,7 @@ def chart(rows: list[Row], title: str) -> Any:
         if r.status != "ok":
             text = f"FAILED: {r.error or ''}"[:60]
         else:
-            text = f"{r.latency_ms:.2f} ms" + (f", {speedups[r.backend]:.2f}x vs inductor" if r.backend in speedups else "")
+            text = f"{r.latency_ms:.2f} ms" + (f", {speedups[r.backend]:.2f}x vs {base}" if r.backend in speedups else "")
         ax.annotate(text, (latencies[y] + spreads[1][y], y), xytext=(6, 0), textcoords="offset points", va="center", fontsize=8,
                     color="tab:red" if r.status != "ok" else "black")
     ax.invert_yaxis()
