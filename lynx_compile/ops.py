@@ -342,10 +342,17 @@ E4M3_MAX = float(torch.finfo(E4M3).max)
 """The largest finite e4m3 value (448): each row's (or weight channel's) largest magnitude is quantized to it."""
 
 
+E4M3_SMALLEST_AMAX = 2.0**-119
+"""The smallest row amax whose multiplier ``448 / amax`` is finite in float32 (448 * 2**119 < 2**128)."""
+
+
 def quantize_e4m3(values: Tensor, amax: Tensor) -> tuple[Tensor, Tensor]:
     """``(e4m3 values, dequantization scale)`` of ``values`` whose rows have largest magnitude ``amax`` (keepdim
     shape, fp32 or fp64): ``values * 448 / amax`` rounded to e4m3, and ``amax / 448``. An all-zero row (amax 0) gets
-    zeros and scale 0; a row holding inf or NaN gets NaN values, so it is never silently finite."""
+    zeros and scale 0; a row holding inf or NaN gets NaN values, so it is never silently finite. A row whose amax is
+    below ``E4M3_SMALLEST_AMAX`` is quantized against that amax instead: its values round towards zero, where
+    ``448 / amax`` would overflow float32 to inf and turn the row's zeros into NaN."""
+    amax = torch.where(amax > 0, amax.clamp_min(E4M3_SMALLEST_AMAX), amax)
     multiplier = torch.where(amax > 0, E4M3_MAX / amax, torch.zeros_like(amax))
     quantized = (values.to(amax.dtype) * multiplier).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
     return quantized, amax / E4M3_MAX

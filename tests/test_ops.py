@@ -168,6 +168,16 @@ def test_e4m3_opcheck():
                           test_utils=("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic"))
 
 
+def test_e4m3_ops_keep_a_token_of_subnormal_values_finite():
+    """448 / amax overflows float32 for amax below about 1.3e-36: such a token quantizes against a floor instead,
+    and comes out (about) zero rather than NaN."""
+    x = torch.tensor([[0.0, 1e-40, 0.0, -3e-41]])
+    w8, scale = ops.quantize_weight_e4m3(torch.randn(3, 4))
+    for out in (torch.ops.lynx.sparse_linear_e4m3(x, w8, scale, None, 2, 4, True, ops.NORM_EPS),
+                ops.e4m3_linear(x, w8, scale)):
+        assert torch.isfinite(out).all() and out.abs().max() < 1e-30
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_e4m3_linear_is_the_rowwise_scaled_product(dtype):
     """float32 too: CUDA's rowwise _scaled_mm takes no bias with a float32 output, so the op adds it after."""
