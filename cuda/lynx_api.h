@@ -38,6 +38,9 @@
 
 // The largest finite e4m3 value: a row's largest kept magnitude is quantized to it.
 #define LYNX_E4M3_MAX 448
+// A row's amax is floored at 2^LYNX_E4M3_MIN_AMAX_EXP2 before LYNX_E4M3_MAX / amax is taken: below it the multiplier
+// overflows float32, and a row of subnormal values would come out NaN (ops.E4M3_SMALLEST_AMAX on the Python side).
+#define LYNX_E4M3_MIN_AMAX_EXP2 -119
 
 // Return codes: 0 success; LYNX_ERR_CUDA_BASE - e for CUDA error e. lynx_status_string names any of them.
 enum LynxStatus {

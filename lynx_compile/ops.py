@@ -343,7 +343,8 @@ E4M3_MAX = float(torch.finfo(E4M3).max)
 
 
 E4M3_SMALLEST_AMAX = 2.0**-119
-"""The smallest row amax whose multiplier ``448 / amax`` is finite in float32 (448 * 2**119 < 2**128)."""
+"""The smallest row amax whose multiplier ``448 / amax`` is finite in float32 (448 * 2**119 < 2**128); the CUDA
+kernels floor it at ``2**LYNX_E4M3_MIN_AMAX_EXP2`` of ``cuda/lynx_api.h``, the same value."""
 
 
 def quantize_e4m3(values: Tensor, amax: Tensor) -> tuple[Tensor, Tensor]:

@@ -15,7 +15,7 @@ import textwrap
 import pytest
 import torch
 
-from lynx_compile import kernels
+from lynx_compile import kernels, ops
 from lynx_compile.kernels import abi, compilation
 
 
@@ -150,6 +150,11 @@ def test_the_header_declares_every_entry_point_the_sources_define():
     assert {"LYNX_ABI_VERSION", "LYNX_COMPUTE_CAPABILITY", "LYNX_K_MULTIPLE", "LYNX_N_MULTIPLE"} <= set(header.constants)
     assert kernels.K_MULTIPLE == header.constants["LYNX_K_MULTIPLE"]
     assert kernels.N_MULTIPLE == header.constants["LYNX_N_MULTIPLE"]
+
+
+def test_the_e4m3_amax_floor_is_one_value_in_the_header_and_the_reference():
+    assert 2.0 ** abi.header().constants["LYNX_E4M3_MIN_AMAX_EXP2"] == ops.E4M3_SMALLEST_AMAX
+    assert ops.E4M3_MAX / ops.E4M3_SMALLEST_AMAX < torch.finfo(torch.float32).max
 
 
 def test_ctypes_declarations_come_from_the_header():
