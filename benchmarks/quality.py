@@ -70,8 +70,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import photos  # noqa: E402
 from train_dit import CHECKPOINT, PHOTO_CHECKPOINT, RESULTS, SCHEDULE, heldout_loss, load_checkpoint, load_digits_split  # noqa: E402
 
-from lynx_compile import LynxBackend, LynxConfig, explain  # noqa: E402
+from lynx_compile import LynxBackend, LynxConfig, Role, explain  # noqa: E402
 from lynx_compile.calibrate import calibrate  # noqa: E402
+from lynx_compile.config import DEFAULT_SPARSE_ROLES  # noqa: E402
 from lynx_compile.diffusion import NoiseSchedule, ddim_sample  # noqa: E402
 from lynx_compile.kernels import KERNELS_OFF_VARIABLE  # noqa: E402
 from lynx_compile.metrics import relative_error  # noqa: E402
@@ -149,6 +150,8 @@ class Variant:
     sparse, ``Compensation.model_sensitivity``), both measured by calibration on training images."""
     precision: str = "native"
     """``LynxConfig.precision``: "fp8" runs every linear in e4m3 (the sparse ones on the e4m3 sparse op)."""
+    extra_roles: frozenset[Role] = frozenset()
+    """Roles made sparse on top of the paper's (``LynxConfig.sparse_roles``), e.g. the attention output projection."""
 
     @property
     def needs_calibration(self) -> bool:
@@ -168,6 +171,7 @@ VARIANTS = (
     Variant("act 2:4", "activation", "2:4", "none"),
     Variant("act 2:4 + norm", "activation", "2:4", "norm"),
     Variant("act 2:4 + norm + LoRA", "activation", "2:4", "lora"),
+    Variant("act 2:4 + norm, + attn_out", "activation", "2:4", "norm", extra_roles=frozenset({Role.ATTN_OUT})),
     Variant("act 4:8 + norm", "activation", "4:8", "norm"),
     Variant("act 1:4 + norm", "activation", "1:4", "norm"),
     Variant(f"act 2:4 + norm, B={DENSE_FLOP_BUDGET:g}", "activation", "2:4", "norm", DENSE_FLOP_BUDGET),
@@ -339,6 +343,7 @@ class VariantModel:
                 pattern=variant.pattern, compensation=variant.compensation, precision=variant.precision,
                 compensation_state=dict(lora) if variant.compensation == "lora" else None,
                 include=None if only is None else f"^{re.escape(only)}$",
+                **({"sparse_roles": DEFAULT_SPARSE_ROLES | variant.extra_roles} if variant.extra_roles else {}),
                 **({} if variant.dense_flop_budget is None else
                    {"sensitivity": (lora.layer_sensitivity if variant.ranking == "layer"
                                     else lora.model_sensitivity(variant.compensation)),
@@ -472,9 +477,12 @@ def _run(settings: Settings, device: str, variants: tuple[Variant, ...], checkpo
             variant_model = VariantModel(harness, variant, lora)
             results[variant.name] = evaluate(harness, variant_model, results.get("dense"))
             if variant.kind == "activation":
-                compiled_sparse = {d.name for d in variant_model.backend.report.sparse}
+                report = variant_model.backend.report
+                compiled_sparse = {d.name for d in report.sparse if d.role not in variant.extra_roles}
                 kept_dense = variant_model.dense_layers()
-                if compiled_sparse != set(harness.layers) - kept_dense or (kept_dense and variant.dense_flop_budget is None):
+                extra = {d.name for d in report.sparse if d.role in variant.extra_roles}
+                if (compiled_sparse != set(harness.layers) - kept_dense or (kept_dense and variant.dense_flop_budget is None)
+                        or bool(extra) != bool(variant.extra_roles)):
                     raise RuntimeError(
                         f"{variant.name}: lynx sparsified {sorted(compiled_sparse)}, expected {sorted(harness.layers)}")
                 if variant.dense_flop_budget is not None:

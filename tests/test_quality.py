@@ -17,7 +17,8 @@ quality = importlib.import_module("quality")
 
 # The variants whose orderings are asserted; LoRA calibration is tested with calibrate itself.
 BY_MODEL_ERROR = f"act 2:4 + norm, B={quality.DENSE_FLOP_BUDGET:g} by model error"
-VARIANT_NAMES = ("dense", "weight 2:4", "act 2:4", "act 2:4 + norm", BY_MODEL_ERROR, "fp8 act 2:4 + norm")
+WITH_ATTN_OUT = "act 2:4 + norm, + attn_out"
+VARIANT_NAMES = ("dense", "weight 2:4", "act 2:4", "act 2:4 + norm", WITH_ATTN_OUT, BY_MODEL_ERROR, "fp8 act 2:4 + norm")
 
 
 @pytest.fixture(scope="module")
@@ -154,3 +155,10 @@ def test_colour_ssim_matches_scikit_image():
                                             channel_axis=2, gaussian_weights=True, sigma=1.5, use_sample_covariance=False)
               for a, b in zip(images, reference)]
     torch.testing.assert_close(ours, torch.tensor(theirs, dtype=torch.float64), atol=1e-6, rtol=0)
+
+
+def test_the_attn_out_variant_sparsifies_the_output_projections_too(output):
+    plain, wider = output["variants"]["act 2:4 + norm"], output["variants"][WITH_ATTN_OUT]
+    # The same layers plus attn.proj: a different prediction, and the layer table still lists the default layers.
+    assert wider["eps_error_mean"] != plain["eps_error_mean"]
+    assert set(wider["layer_errors"]) == set(plain["layer_errors"])
