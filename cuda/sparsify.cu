@@ -306,7 +306,7 @@ sparsify_2to4_kernel(const uint16_t* __restrict__ x, int64_t ldx, int M, int K, 
     const float s = norm ? sqrtf(dense_sq / (kept_sq + eps)) : 1.0f;
     const float inv_s = s == 0.f ? 0.f : 1.0f / s;
     const float row_amax = fmaxf(kept_amax, tail_amax * inv_s);
-    const float amax = row_amax > 0.f ? fmaxf(row_amax, ldexpf(1.f, LYNX_E4M3_MIN_AMAX_EXP2)) : 0.f;
+    const float amax = row_amax > 0.f ? fmaxf(row_amax, ldexpf(1.f, LYNX_E4M3_MIN_AMAX_EXP2)) : row_amax;
     const float q = amax > 0.f ? float(LYNX_E4M3_MAX) / amax : 0.f;
     if (t == 0 && scale != nullptr) scale[row] = s * (amax / float(LYNX_E4M3_MAX));
 #pragma unroll
