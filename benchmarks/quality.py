@@ -191,6 +191,11 @@ def psnr(images: Tensor, reference: Tensor) -> Tensor:
     return 10 * torch.log10(1 / mse.clamp_min(1e-12))
 
 
+def mean_psnr(images: Tensor, reference: Tensor) -> float:
+    """The mean of the per-image PSNRs, each capped at 100 dB (identical images)."""
+    return psnr(images, reference).clamp(max=100).mean().item()
+
+
 def ssim(images: Tensor, reference: Tensor, window: int = 5, sigma: float = 1.0) -> Tensor:
     """Per-image SSIM (Wang et al. 2004) of (B, C, H, W) images in [-1, 1], on the [0, 1] scale.
 
@@ -422,7 +427,7 @@ def evaluate(harness: Harness, variant_model: VariantModel, dense: dict[str, Any
             "eps_error_mean": sum(eps_errors) / len(eps_errors),
             "eps_error_by_t": dict(zip(map(str, s.sweep), eps_errors)),
             "heldout_loss_change_pct": 100 * (loss / dense["heldout_loss"] - 1),
-            "psnr_db": psnr(samples, dense["samples"]).clamp(max=100).mean().item(),
+            "psnr_db": mean_psnr(samples, dense["samples"]),
             "ssim": ssim(samples, dense["samples"], spec.ssim_window, spec.ssim_sigma).mean().item(),
         }
     return result

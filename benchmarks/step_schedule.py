@@ -34,7 +34,9 @@ from torch import Tensor, nn
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from train_dit import load_checkpoint, load_digits_split  # noqa: E402
+from quality import mean_psnr  # noqa: E402
+from train_dit import CHECKPOINT as DIGITS_CHECKPOINT  # noqa: E402
+from train_dit import RESULTS, load_checkpoint, load_digits_split  # noqa: E402
 
 import lynx_compile  # noqa: E402
 from lynx_compile import LynxConfig, StepSchedule, dense_forward, measure_step_costs  # noqa: E402
@@ -42,16 +44,8 @@ from lynx_compile.diffusion import NoiseSchedule, ddim_sample, ddim_timesteps  #
 from lynx_compile.metrics import relative_error  # noqa: E402
 from lynx_compile.tools.results import device_slug, environment, write_json  # noqa: E402
 
-DIGITS_CHECKPOINT = ROOT / "benchmarks" / "checkpoints" / "dit_digits.pt"
-RESULTS = ROOT / "benchmarks" / "results"
 FRACTIONS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 STRATEGIES = ("cost-ranked", "cost-ranked (dense isolation)", "uniform", "first steps dense", "last steps dense")
-
-
-def psnr(images: Tensor, reference: Tensor) -> float:
-    """Mean per-image PSNR in dB of images in [-1, 1], on the [0, 1] scale, capped at 100 dB (identical images)."""
-    mse = ((images - reference) / 2).pow(2).flatten(1).mean(1)
-    return (10 * torch.log10(1 / mse.clamp_min(1e-10))).mean().item()
 
 
 def uniform_dense_steps(num_steps: int, num_dense: int) -> frozenset[int]:
@@ -161,7 +155,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             samples = sampler.sample_with(schedule, *evaluation)
             row = {"sparse_fraction": schedule.sparse_fraction, "requested_fraction": fraction, "strategy": strategy,
                    "dense_steps": sorted(schedule.dense_steps), "rel_error": relative_error(samples, dense_samples),
-                   "psnr_db": psnr(samples, dense_samples)}
+                   "psnr_db": mean_psnr(samples, dense_samples)}
             if heldout is not None:
                 loss = heldout(schedule)
                 row |= {"heldout_loss": loss, "heldout_loss_change_pct": 100 * (loss / dense_loss - 1)}

@@ -88,13 +88,18 @@ class StepSchedule:
         object.__setattr__(self, "dense_steps", frozenset(steps))
 
     @property
+    def sparse_steps(self) -> str:
+        """How many of the steps run sparse, as ``"20/25"``."""
+        return f"{self.num_steps - len(self.dense_steps)}/{self.num_steps}"
+
+    @property
     def sparse_fraction(self) -> float:
         """The share of steps that run sparse."""
         return 1 - len(self.dense_steps) / self.num_steps
 
     def __str__(self) -> str:
         dense = ",".join(map(str, sorted(self.dense_steps))) or "none"
-        return f"{self.num_steps - len(self.dense_steps)}/{self.num_steps} steps sparse (dense: {dense})"
+        return f"{self.sparse_steps} steps sparse (dense: {dense})"
 
     @classmethod
     def from_costs(cls, costs: Sequence[float], *, sparse_fraction: float | None = None, num_dense: int | None = None,

@@ -143,7 +143,7 @@ def run_backend(name: str, workload: Workload, reference: torch.Tensor | None, c
                 row.linear_time_share = _linear_share(lambda: workload(fn), device)
             schedule = lynx.config.step_schedule if lynx is not None else None
             if schedule is not None:
-                row.step_schedule = f"{schedule.num_steps - len(schedule.dense_steps)}/{schedule.num_steps}"
+                row.step_schedule = schedule.sparse_steps
                 # Also warms the dense twins (CUDA-graph recording) before the sampling loop is timed.
                 row.dense_step_ms = median_ms(_dense_call(workload, fn), device, args.warmup, args.repeat)
             if args.steps:
