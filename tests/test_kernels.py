@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -65,19 +66,24 @@ def test_asking_builds_and_registers_nothing(monkeypatch):
     assert calls == [] and kernels.launch._lib is None
 
 
-def test_load_without_a_gpu_returns_false_without_nvcc(tmp_path):
-    """load() on a machine with nvcc but no kernel GPU: False at once, with the reason, and nvcc never runs."""
-    if torch.cuda.is_available():
-        return
+def _load_in_a_process(tmp_path, code: str, **variables: str) -> tuple[subprocess.CompletedProcess, Path]:
+    """``code`` run in a fresh process whose ``nvcc`` only logs that it ran (to the returned path) and fails."""
     log = tmp_path / "nvcc.log"
     fake_nvcc = tmp_path / "nvcc"
     fake_nvcc.write_text(f"#!/bin/sh\necho ran >> {log}\nexit 1\n")
     fake_nvcc.chmod(0o755)
-    env = {**os.environ, "NVCC": str(fake_nvcc), "LYNX_COMPILE_CACHE_DIR": str(tmp_path / "cache")}
+    env = {**os.environ, "NVCC": str(fake_nvcc), "LYNX_COMPILE_CACHE_DIR": str(tmp_path / "cache"), **variables}
     env.pop("LYNX_COMPILE_LIB", None)
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300), log
+
+
+def test_load_without_a_gpu_returns_false_without_nvcc(tmp_path):
+    """load() on a machine with nvcc but no kernel GPU: False at once, with the reason, and nvcc never runs."""
+    if torch.cuda.is_available():
+        return
     code = ("import lynx_compile.kernels as k; print(k.load(), k.load(), k.available()); print(k.load_error()); "
             "print(k.torch_ops_error)")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    out, log = _load_in_a_process(tmp_path, code)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     assert lines[0] == "False False False"
@@ -87,14 +93,8 @@ def test_load_without_a_gpu_returns_false_without_nvcc(tmp_path):
 
 def test_kernels_switched_off_load_nothing(tmp_path):
     """LYNX_COMPILE_KERNELS=off: load() is False with that reason on any machine, and nvcc never runs."""
-    log = tmp_path / "nvcc.log"
-    fake_nvcc = tmp_path / "nvcc"
-    fake_nvcc.write_text(f"#!/bin/sh\necho ran >> {log}\nexit 1\n")
-    fake_nvcc.chmod(0o755)
-    env = {**os.environ, "NVCC": str(fake_nvcc), "LYNX_COMPILE_CACHE_DIR": str(tmp_path / "cache"),
-           "LYNX_COMPILE_KERNELS": "off"}
     code = "import lynx_compile.kernels as k; print(k.load(), k.available()); print(k.load_error())"
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    out, log = _load_in_a_process(tmp_path, code, LYNX_COMPILE_KERNELS="off")
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines() == ["False False", "LYNX_COMPILE_KERNELS=off"]
     assert not log.exists()
