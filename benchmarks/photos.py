@@ -108,6 +108,10 @@ def downscale(photo: np.ndarray, short_side: int = SHORT_SIDE) -> np.ndarray:
     return np.array(Image.fromarray(photo[..., :3]).resize(size, Image.Resampling.LANCZOS))
 
 
+def _from_packages() -> dict[str, np.ndarray]:
+    return {name: downscale(load()) for name, load in SOURCES.items()}
+
+
 def load_photos(source: str | Path | None = None) -> dict[str, np.ndarray]:
     """Every photo of ``SOURCES``, downscaled, as (H, W, 3) uint8, in ``SOURCES`` order.
 
@@ -115,7 +119,7 @@ def load_photos(source: str | Path | None = None) -> dict[str, np.ndarray]:
     """
     if source is None:
         try:
-            return {name: downscale(load()) for name, load in SOURCES.items()}
+            return _from_packages()
         except Exception as err:  # noqa: BLE001 - any missing package or image: the exported file, if there is one
             if not DEFAULT_EXPORT.exists():
                 raise RuntimeError(f"photos: the packages' images do not load ({type(err).__name__}: {err}) and "
@@ -134,7 +138,7 @@ def export(path: str | Path = DEFAULT_EXPORT, photos: dict[str, np.ndarray] | No
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if photos is None:
-        photos = {name: downscale(load()) for name, load in SOURCES.items()}
+        photos = _from_packages()
     np.savez_compressed(path, **photos)
     return path
 
