@@ -296,17 +296,24 @@ class Harness:
         return classifier
 
     def calibration_batches(self) -> list[tuple[Tensor, Tensor, Tensor]]:
-        """Noised *training* images at random timesteps: the test split stays unseen by the LoRA fit."""
-        gen = torch.Generator().manual_seed(self.settings.seed + 1)
-        x_train, y_train = self.data["x_train"], self.data["y_train"]
-        size = self.settings.calibration_batch
-        batches = []
-        for _ in range(self.settings.calibration_batches):
-            idx = torch.randint(0, x_train.shape[0], (size,), generator=gen).to(self.device)
-            t = torch.randint(0, self.schedule.steps, (size,), generator=gen).to(self.device)
-            noise = torch.randn((size, *x_train.shape[1:]), generator=gen).to(self.device)
-            batches.append((self.schedule.add_noise(x_train[idx], noise, t), t, y_train[idx]))
-        return batches
+        s = self.settings
+        return calibration_batches(self.data, self.schedule, s.calibration_batches, s.calibration_batch, s.seed + 1)
+
+
+def calibration_batches(data: dict[str, Tensor], schedule: NoiseSchedule, count: int, size: int,
+                        seed: int) -> list[tuple[Tensor, Tensor, Tensor]]:
+    """``count`` batches of ``size`` noised *training* images at random timesteps, as (x_t, t, y): the test split
+    stays unseen by the LoRA fit and the sensitivities."""
+    gen = torch.Generator().manual_seed(seed)
+    x_train, y_train = data["x_train"], data["y_train"]
+    device = x_train.device
+    batches = []
+    for _ in range(count):
+        idx = torch.randint(0, x_train.shape[0], (size,), generator=gen).to(device)
+        t = torch.randint(0, schedule.steps, (size,), generator=gen).to(device)
+        noise = torch.randn((size, *x_train.shape[1:]), generator=gen).to(device)
+        batches.append((schedule.add_noise(x_train[idx], noise, t), t, y_train[idx]))
+    return batches
 
 
 def lora_state(harness: Harness) -> tuple[Any, str | None]:
