@@ -56,7 +56,8 @@ class GeluLinear(torch.nn.Module):
         return self.linear(F.gelu(h, approximate="tanh"))
 
 
-def _compiled(kind: str, module: torch.nn.Module):
+def compiled_layer(kind: str, module: torch.nn.Module):
+    """``module`` compiled by ``inductor``, ``lynx`` (fused producer) or ``lynx-separate``."""
     if kind == "inductor":
         return torch.compile(module)
     # include: a lone linear reads as the model's final layer (or its embedder), which lynx keeps dense by role.
@@ -81,7 +82,7 @@ def measure(shapes: list[tuple[int, int, int]], dtype: torch.dtype = torch.bfloa
             outputs = {}
             for kind in ("inductor", "lynx", "lynx-separate"):
                 torch._dynamo.reset()
-                fn = _compiled(kind, module)
+                fn = compiled_layer(kind, module)
                 with torch.no_grad():
                     outputs[kind] = fn(*args).float()
                     row[f"{kind}_ms"] = bench_graph(lambda fn=fn, args=args: fn(*args))

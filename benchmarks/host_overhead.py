@@ -9,7 +9,10 @@ the GPU keeps up and the loop measures the host), for:
 * ``F.linear`` (cuBLAS, what Inductor calls for a dense linear);
 * ``lynx::sparse_linear`` and ``lynx::sparse_linear_lora`` through the dispatcher (the C++ kernels,
   ``cuda/torch_ops.cpp``, when they are loaded);
-* the same work through the Python kernels (``kernels.sparse_linear_cuda`` and friends, called directly).
+* the same work through the Python kernels (``kernels.sparse_linear_cuda`` and friends, called directly);
+* a DiT block's adaLN-modulated linear (``LayerNorm(x) * (1 + scale) + shift``, then the linear) compiled as a user
+  runs it without CUDA graphs, whole calls including Dynamo's guards: Inductor (its producer kernel, then cuBLAS),
+  lynx with its defaults (the producer fused into the sparse layer: one op) and lynx with the separate sparsify pass.
 
 Writes ``benchmarks/results/host-overhead-<gpu>.json`` and prints a table.
 """
@@ -17,15 +20,19 @@ Writes ``benchmarks/results/host-overhead-<gpu>.json`` and prints a table.
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from fused_producer import SAMPLES, ModulatedLinear, compiled_layer  # noqa: E402  (the producer + linear benchmark's layer)
 
 from lynx_compile import kernels, ops  # noqa: E402
 from lynx_compile.tools.results import device_slug, environment, write_json  # noqa: E402
@@ -59,6 +66,19 @@ def calls(x, w, b, weight_lora, down) -> dict:
     }
 
 
+def compiled_layer_calls(M: int, K: int, N: int, dtype: torch.dtype) -> Iterator[tuple[str, Callable]]:
+    """(name, call) of the adaLN-modulated linear compiled by each backend, one at a time: the Dynamo reset before
+    each compile drops the previous backend's graphs."""
+    module = ModulatedLinear(K, N).to("cuda", dtype).eval()
+    x = torch.randn(SAMPLES, M // SAMPLES, K, device="cuda", dtype=dtype)
+    shift, scale = (0.5 * torch.randn(SAMPLES, K, device="cuda", dtype=dtype) for _ in range(2))
+    for kind, name in (("inductor", "Inductor"), ("lynx", "lynx, fused producer"),
+                       ("lynx-separate", "lynx, separate sparsify")):
+        torch._dynamo.reset()
+        fn = compiled_layer(kind, module)
+        yield f"compiled LN-modulate + linear, {name}", lambda fn=fn: fn(x, shift, scale)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=256, help="rows of x (small: the GPU must keep up)")
@@ -74,8 +94,10 @@ def main() -> None:
         b = torch.randn(N, device="cuda", dtype=dtype)
         down = (torch.randn(64, K, device="cuda") / K ** 0.5).to(dtype)
         weight_lora, down = ops.pack_lora(w, down, torch.randn(N, 64, device="cuda").to(dtype) / 8)
-        for name, fn in calls(x, w, b, weight_lora, down).items():
-            us = host_us_per_call(fn)
+        for name, fn in itertools.chain(calls(x, w, b, weight_lora, down).items(),
+                                        compiled_layer_calls(M, K, N, dtype)):
+            with torch.no_grad():
+                us = host_us_per_call(fn)
             rows.append({"M": M, "K": K, "N": N, "call": name, "host_us": us})
             print(f"{M}x{K}->{N} {name}: {us:.1f} us/call", flush=True)
 
