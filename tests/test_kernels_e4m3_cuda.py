@@ -190,7 +190,11 @@ def test_a_converted_model_runs_its_own_e4m3_weights_on_the_kernels(K):
     torch.manual_seed(0)
     model = models.build("dit-xl-2", depth=2).eval().to("cuda", torch.bfloat16)
     args = models.example_inputs(model, batch=2, dtype=torch.bfloat16, device="cuda")
-    with torch.no_grad():
+    # Inductor keeps a fused kernel's intermediates in float32 unless told to round them as eager does, and the two
+    # graphs (weights as constants, weights as parameters) fuse the adaLN rows differently: without this, the
+    # outputs differ by e4m3 rounding flips (2.8% relative in a CPU run of the same models), though each layer
+    # computes the same function.
+    with torch.no_grad(), torch._inductor.config.patch(emulate_precision_casts=True):
         expected = torch.compile(model, backend=backend(LynxConfig(precision="fp8", speed_guard=False)))(*args)
         convert_to_fp8(model)
         torch._dynamo.reset()
