@@ -59,6 +59,24 @@ def test_e4m3_compress_matches_the_reference_quantization(K, dtype, M, Kf):
     torch.testing.assert_close(decoded, expected.float(), rtol=0.125, atol=0)
 
 
+def test_e4m3_compress_of_rows_below_the_amax_floor_matches_the_reference(K):
+    """bf16 tokens whose amax is below 2**-119 (subnormal values) or zero: the kernel floors the amax as the reference
+    does, so no multiplier overflows to inf and no code comes out NaN. (fp16 has no value that small.)"""
+    smallest = torch.finfo(torch.bfloat16).tiny * torch.finfo(torch.bfloat16).eps  # the smallest bf16 subnormal
+    x = torch.randn(4, 256, device="cuda").to(torch.bfloat16)
+    x[0] = smallest * torch.randint(-3, 4, (256,), device="cuda").to(torch.bfloat16)
+    x[1] = 0
+    values, meta, scale = K.compress_2to4(x, False, e4m3=True)
+    kept, _ = ops.sparsify_reference(x, 2, 4, False, ops.NORM_EPS)
+    expected, row_scale = ops.quantize_e4m3(kept.float(), kept.float().abs().amax(dim=-1, keepdim=True))
+    decoded = decode_e4m3(values, meta, 4, 256)
+    assert torch.isfinite(decoded).all() and torch.isfinite(scale).all()
+    # Dequantized, as the GEMM sees them; absolute slack for a kernel that flushes subnormals to zero.
+    torch.testing.assert_close(decoded * scale[:, None], expected.float() * row_scale, rtol=0.125, atol=1e-35)
+    torch.testing.assert_close(decoded[2:], expected[2:].float(), rtol=0.125, atol=0)
+    assert not (decoded[1] * scale[1]).any()  # an all-zero token stays zero
+
+
 SHAPES = [((0,), 128, 64), ((1,), 128, 64), ((7,), 64, 16), ((2, 77), 1152, 3456), ((300,), 1024, 1008),
           ((1000,), 4608, 1152), ((33,), 15360, 256)]
 
