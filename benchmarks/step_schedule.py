@@ -64,6 +64,8 @@ STRATEGIES = ("cost-ranked", "cost-ranked (dense isolation)", "cost-ranked (trai
               "first steps dense", "last steps dense")
 LOSS_BOUND_PCT, FLOP_SHARE_TARGET = 3.0, 0.8
 """The quality target: held-out loss within 3% of dense with >= 80% of the selected layers' FLOPs sparse."""
+
+
 def uniform_dense_steps(num_steps: int, num_dense: int) -> frozenset[int]:
     """``num_dense`` steps spread evenly over the run, each in the middle of its share."""
     return frozenset(int((i + 0.5) * num_steps / num_dense) for i in range(num_dense))
@@ -83,15 +85,19 @@ def schedules(num_steps: int, fraction: float, costs: dict[str, list[float]]) ->
     }
 
 
-class Sampler:
-    """DDIM sampling of one checkpoint from fixed noise, through the model compiled with lynx and ``config``."""
+def load_model(checkpoint: Path, device: torch.device) -> tuple[nn.Module, NoiseSchedule]:
+    """A checkpoint of train_dit.py: the model and the noise schedule it was trained with."""
+    payload = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    return load_checkpoint(checkpoint, device), NoiseSchedule.named(payload.get("schedule", "linear"))
 
-    def __init__(self, checkpoint: Path, device: torch.device, steps: int, guidance_scale: float, config: LynxConfig,
-                 inductor: bool = True):
-        self.model = load_checkpoint(checkpoint, device)
-        payload = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        self.noise_schedule = NoiseSchedule.named(payload.get("schedule", "linear"))
-        model_config = self.model.config
+
+class Sampler:
+    """DDIM sampling from fixed noise, through ``model`` compiled with lynx and ``config``."""
+
+    def __init__(self, model: nn.Module, noise_schedule: NoiseSchedule, device: torch.device, steps: int,
+                 guidance_scale: float, config: LynxConfig, inductor: bool = True):
+        self.model, self.noise_schedule = model, noise_schedule
+        model_config = model.config
         self.channels, self.size, self.num_classes = model_config.in_channels, model_config.input_size, model_config.num_classes
         self.learn_sigma = model_config.learn_sigma
         self.device, self.steps, self.guidance_scale = device, steps, guidance_scale
@@ -232,20 +238,25 @@ def target_findings(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
 
 @torch.no_grad()
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    # A fresh backend per configuration is a new Dynamo cache entry for the same forward code.
+    with torch._dynamo.config.patch(recompile_limit=1 << 20, accumulated_recompile_limit=1 << 20):
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> dict[str, Any]:
     started = time.time()
     device = torch.device(args.device)
     checkpoint = Path(args.checkpoint)
-    model = load_checkpoint(checkpoint, device)
-    kind = data_kind(model, args.data)
-    data, heldout_name = load_data(kind, device, args.photos)
-    noise_schedule = NoiseSchedule.named(torch.load(checkpoint, map_location="cpu", weights_only=True)
-                                         .get("schedule", "linear"))
+    model, noise_schedule = load_model(checkpoint, device)
+    data, heldout_name = load_data(data_kind(model, args.data), device, args.photos)
+    train, test = slice(0, args.training_images), slice(0, args.heldout_images)
     configs, calibrated = layer_configs(args, model, data, noise_schedule)
     all_dense = StepSchedule(args.steps, range(args.steps))
     results, rows, dense_samples, dense_loss = [], [], None, None
     for name, budget, config in configs:
         torch._dynamo.reset()  # a fresh cache per configuration: the last one's graphs are never called again
-        sampler = Sampler(checkpoint, device, args.steps, args.guidance_scale, config, inductor=not args.no_inductor)
+        sampler = Sampler(model, noise_schedule, device, args.steps, args.guidance_scale, config,
+                          inductor=not args.no_inductor)
         calibration = sampler.inputs(args.calibration_samples, args.seed + 1)
         evaluation = sampler.inputs(args.samples, args.seed)
         print(f"[step-schedule] {name}: compiling and measuring {args.steps} step costs ...", flush=True)
@@ -255,7 +266,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             dense_samples = sampler.sample_with(all_dense, *evaluation)
         heldout = None
         if data is not None:
-            train, test = slice(0, args.training_images), slice(0, args.heldout_images)
             training = DenoisingLoss(sampler, data["x_train"][train], data["y_train"][train], draws=1, seed=args.seed + 2)
             costs["training_loss"] = training.step_costs()
             heldout = DenoisingLoss(sampler, data["x_test"][test], data["y_test"][test])
@@ -295,9 +305,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                      "config": "LynxConfig(speed_guard=False, compensation=...), default layer selection"},
         "calibration": calibrated or None,
         "heldout_data": None if data is None else {"data": heldout_name,
-                                                   "images": data["x_test"][: args.heldout_images].shape[0],
+                                                   "images": data["x_test"][test].shape[0],
                                                    "draws_per_image": 2},
-        "training_loss_images": None if data is None else data["x_train"][: args.training_images].shape[0],
+        "training_loss_images": None if data is None else data["x_train"][train].shape[0],
         "timesteps": ddim_timesteps(sampler.noise_schedule, args.steps),
         "layer_configs": results,
         "rows": rows,
@@ -391,8 +401,7 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault(KERNELS_OFF_VARIABLE, "off")
     if args.device == "cpu":
         torch.set_num_threads(min(2, torch.get_num_threads()))
-    with torch._dynamo.config.patch(recompile_limit=1 << 20, accumulated_recompile_limit=1 << 20):
-        output = run(args)
+    output = run(args)
     if output["target"] is not None:
         target = output["target"]
         print(f"[step-schedule] at >= {FLOP_SHARE_TARGET:.0%} of FLOPs sparse, best: {target['best_at_flop_share_target']}")

@@ -25,9 +25,7 @@ def output():
             "--compensation", "lora", "--dense-flop-budgets", "0,0.3", "--calibration-batches", "1",
             "--calibration-batch", "8", "--lora-rank", "4", "--heldout-images", "16", "--training-images", "16",
             "--no-inductor"]
-    parsed = step_schedule.parse_args(args)
-    with torch._dynamo.config.patch(recompile_limit=1 << 20, accumulated_recompile_limit=1 << 20):
-        return step_schedule.run(parsed)
+    return step_schedule.run(step_schedule.parse_args(args))
 
 
 def test_a_budget_keeps_layers_dense_and_the_flop_share_counts_layers_and_steps(output):
@@ -56,7 +54,8 @@ def test_all_dense_steps_score_as_dense_and_the_target_is_read_off_the_rows(outp
 
 
 def test_step_costs_add_up_to_the_whole_runs_loss_increase(digits_split):
-    sampler = step_schedule.Sampler(step_schedule.DIGITS_CHECKPOINT, torch.device("cpu"), STEPS, 1.0,
+    model, noise_schedule = step_schedule.load_model(step_schedule.DIGITS_CHECKPOINT, torch.device("cpu"))
+    sampler = step_schedule.Sampler(model, noise_schedule, torch.device("cpu"), STEPS, 1.0,
                                     LynxConfig(speed_guard=False), inductor=False)
     loss = step_schedule.DenoisingLoss(sampler, digits_split["x_test"][:24], digits_split["y_test"][:24], draws=1)
     costs = loss.step_costs()
