@@ -227,7 +227,7 @@ def main() -> None:
               + f" | fp8 dense {r['fp8_dense_ms']:.4f} (GEMM {r['fp8_gemm_ms']:.4f}) cslt-fp8 {r['cslt_fp8_ms']} "
               f"lynx-fp8 sparsify {r['fp8_sparsify_ms']:.4f} gemm {r['fp8_sparse_gemm_ms']:.4f} e2e {r['fp8_e2e_ms']:.4f} "
               f"err {r['fp8_rel_err']:.2e}"
-              + (f" best {r['tune_best']}" if args.tune else ""), flush=True)
+              + (f" best {r['tune_best']} fp8 best {r['fp8_tune_best']}" if args.tune else ""), flush=True)
 
     bw_copy = copy_bandwidth()
     bw_sp, ms_sp = sparsify_bandwidth(dtype)
