@@ -65,7 +65,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 K_PER_GROUP = 128  # logical K between commits in the bare loop, as in a 128-deep mainloop stage
-K_PER_STAGE = 64  # logical K per stage of the fed pipeline: one 128-byte swizzle row of bf16
 STAGES = 4
 SWIZZLE_ROW_BYTES = 128  # the 128-byte swizzle: K-major rows of 128 bytes, 8-row atoms of 1 KB
 META_BYTES_PER_WGMMA = 512  # one 32-bit metadata register per thread of the warpgroup
@@ -73,6 +72,11 @@ ELEMENT_BYTES = {"bf16": 2, "e4m3": 1}
 DTYPES = tuple(ELEMENT_BYTES)
 # The device function that makes one 32-bit word of operand values of each type (in the PRELUDE).
 OPERAND_WORD = {"bf16": "bf16_pair", "e4m3": "e4m3_quad"}
+
+
+def stage_k(dtype: str) -> int:
+    """Logical K of a fed stage: one 128-byte swizzle row (64 bf16, 128 e4m3)."""
+    return SWIZZLE_ROW_BYTES // ELEMENT_BYTES[dtype]
 
 
 @dataclass(frozen=True)
@@ -126,8 +130,7 @@ class Variant:
 
     @property
     def k_per_stage(self) -> int:
-        """Logical K of a fed stage: one 128-byte swizzle row (64 bf16, 128 e4m3)."""
-        return SWIZZLE_ROW_BYTES // self.element_bytes
+        return stage_k(self.dtype)
 
     @property
     def k_per_loop_trip(self) -> int:
@@ -710,8 +713,8 @@ def main() -> None:
     env = environment("cuda")
     path = Path(args.out) if args.out else Path(__file__).resolve().parent / "results" / f"tensor-core-ceiling-{slug(env['device'])}.json"
     write_json({"environment": env, "nvcc": subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout.strip().splitlines()[-1],
-                "k_per_group": K_PER_GROUP, "k_per_stage": K_PER_STAGE, "stages": STAGES, "repeats": args.repeats,
-                "dtypes": list(dtypes), "k_per_stage_by_dtype": {d: SWIZZLE_ROW_BYTES // ELEMENT_BYTES[d] for d in dtypes},
+                "k_per_group": K_PER_GROUP, "k_per_stage": stage_k("bf16"), "stages": STAGES, "repeats": args.repeats,
+                "dtypes": list(dtypes), "k_per_stage_by_dtype": {d: stage_k(d) for d in dtypes},
                 "summary": summary, "rows": rows}, path)
     print(f"wrote {path}")
 
