@@ -1,7 +1,13 @@
-"""Runs cuBLAS dense, the lynx sparsify kernel and the lynx sparse GEMM a few times for one shape (for ncu).
+"""Runs the dense GEMM, the lynx sparsify kernel and the lynx sparse GEMM a few times for one shape (for ncu).
 
     ncu --profile-from-start off --clock-control none --section SpeedOfLight python benchmarks/profile_one.py 4096 12288 4096
+    ... python benchmarks/profile_one.py 4096 1152 3456 --fp8 --config e4m3_bf16_128x128x256_c1x2_pp:1:1
+
+bf16: cuBLAS ``F.linear``, then the bf16 sparsify and sparse GEMM. ``--fp8``: the rowwise ``_scaled_mm`` of FP8 dense
+on pre-quantized operands, then the e4m3 sparsify and sparse GEMM. ``--config NAME[:swizzle[:raster]]`` runs the
+sparse GEMM on that compiled configuration instead of the library's plan.
 """
+import argparse
 import math
 import sys
 from pathlib import Path
@@ -10,19 +16,61 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from lynx_compile import kernels  # noqa: E402
+from lynx_compile import kernels, ops  # noqa: E402
 
-assert kernels.load(), kernels.load_error()
-M, K, N = (int(v) for v in sys.argv[1:4])
-x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
-w = (torch.randn(N, K, device="cuda") / math.sqrt(K)).to(torch.bfloat16)
-b = torch.randn(N, device="cuda", dtype=torch.bfloat16)
-for it in range(4):
-    if it == 3:  # profile only the last round: ncu --profile-from-start off
-        torch.cuda.synchronize()
-        torch.cuda.profiler.start()
-    F.linear(x, w, b)
-    v, e, s = kernels.compress_2to4(x, True)
-    kernels.sparse_mm_compressed(v, e, s, w, b)
-torch.cuda.synchronize()
-torch.cuda.profiler.stop()
+
+def parse_config(text: str | None) -> tuple[int, int, int] | None:
+    if text is None:
+        return None
+    name, *rest = text.split(":")
+    configs = kernels.gemm_configs()
+    if name not in configs:
+        raise SystemExit(f"no compiled configuration {name!r}; compiled: {', '.join(configs)}")
+    swizzle, raster = (int(v) for v in (rest + ["1", "1"])[:2])
+    return configs[name], swizzle, raster
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("M", type=int)
+    ap.add_argument("K", type=int)
+    ap.add_argument("N", type=int)
+    ap.add_argument("--fp8", action="store_true", help="FP8 dense and the e4m3 kernels instead of bf16")
+    ap.add_argument("--config", help="sparse GEMM configuration NAME[:swizzle[:raster]] (default: the plan)")
+    args = ap.parse_args()
+    assert kernels.load(), kernels.load_error()
+    config = parse_config(args.config)
+    x = torch.randn(args.M, args.K, device="cuda", dtype=torch.bfloat16)
+    w = (torch.randn(args.N, args.K, device="cuda") / math.sqrt(args.K)).to(torch.bfloat16)
+    b = torch.randn(args.N, device="cuda", dtype=torch.bfloat16)
+    if args.fp8:
+        w8, w8_scale = ops.quantize_weight_e4m3(w)
+        x8, x8_scale = ops.quantize_e4m3(x, x.abs().amax(dim=-1, keepdim=True).float())
+
+        def dense():
+            torch._scaled_mm(x8, w8.t(), scale_a=x8_scale, scale_b=w8_scale.reshape(1, -1), bias=b,
+                             out_dtype=torch.bfloat16, use_fast_accum=True)
+
+        def sparse():
+            values, meta, scale = kernels.compress_2to4(x, True, e4m3=True)
+            kernels.sparse_mm_compressed(values, meta, scale, w8, b, config=config, col_scale=w8_scale,
+                                         out_dtype=torch.bfloat16)
+    else:
+        def dense():
+            F.linear(x, w, b)
+
+        def sparse():
+            values, meta, scale = kernels.compress_2to4(x, True)
+            kernels.sparse_mm_compressed(values, meta, scale, w, b, config=config)
+    for it in range(4):
+        if it == 3:  # profile only the last round: ncu --profile-from-start off
+            torch.cuda.synchronize()
+            torch.cuda.profiler.start()
+        dense()
+        sparse()
+    torch.cuda.synchronize()
+    torch.cuda.profiler.stop()
+
+
+if __name__ == "__main__":
+    main()

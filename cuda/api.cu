@@ -45,7 +45,12 @@ struct TileChoice {
   int swizzle, raster;
 };
 
-TileChoice choose_tile(int M, int N, int layer_k) {
+TileChoice choose_tile(int gemm_type, int M, int N, int layer_k) {
+  if (gemm_type == LYNX_GEMM_E4M3_FP16 || gemm_type == LYNX_GEMM_E4M3_BF16) {
+    for (const TunedShape& t : kTunedE4M3) {
+      if (t.M == M && t.N == N && t.K == layer_k) return {t.tile, t.swizzle, t.raster};
+    }
+  }
   for (const TunedShape& t : kTuned) {
     if (t.M == M && t.N == N && t.K == layer_k) return {t.tile, t.swizzle, t.raster};
   }
@@ -114,9 +119,10 @@ ConfigOverride read_override() {
     if (*rest != '\0') return o;
   }
   const bool swizzle_ok = o.swizzle == 1 || o.swizzle == 2 || o.swizzle == 4 || o.swizzle == 8;
-  bool every_type = true;
-  for (int gemm_type = 0; gemm_type < kNumGemmTypes; ++gemm_type) every_type &= config_index(gemm_type, o.tile) >= 0;
-  o.valid = swizzle_ok && o.raster >= 0 && o.raster <= 2 && every_type;
+  // Some tiles are compiled for the e4m3 GEMM types only; the plan of a GEMM type without the tile fails.
+  bool some_type = false;
+  for (int gemm_type = 0; gemm_type < kNumGemmTypes; ++gemm_type) some_type |= config_index(gemm_type, o.tile) >= 0;
+  o.valid = swizzle_ok && o.raster >= 0 && o.raster <= 2 && some_type;
   return o;
 }
 
@@ -137,7 +143,7 @@ LYNX_API const char* lynx_status_string(int status) {
     case LYNX_ERR_WORKSPACE: return "GEMM workspace smaller than the plan's";
     case LYNX_ERR_INIT: return "CUTLASS GEMM initialisation failed";
     case LYNX_ERR_RUN: return "GEMM launch failed";
-    case LYNX_ERR_NO_CONFIG: return "no such GEMM configuration";
+    case LYNX_ERR_NO_CONFIG: return "no such GEMM configuration for this GEMM type";
     case LYNX_ERR_BAD_OVERRIDE:
       return "LYNX_GEMM_CONFIG is not <config>[:swizzle[:raster]] with a compiled configuration, swizzle 1/2/4/8 "
              "and raster 0/1/2";
@@ -163,7 +169,7 @@ LYNX_API int lynx_gemm_plan(int gemm_type, int M, int N, int K, int layer_k, int
   const ConfigOverride& forced = config_override();
   if (forced.set && !forced.valid) return LYNX_ERR_BAD_OVERRIDE;
   const TileChoice choice = forced.set ? TileChoice{forced.tile, forced.swizzle, forced.raster}
-                                       : choose_tile(M, N, layer_k);
+                                       : choose_tile(gemm_type, M, N, layer_k);
   const int config = config_index(gemm_type, choice.tile);
   if (config < 0) return LYNX_ERR_NO_CONFIG;
   const long long workspace = lynx_sparse_gemm_workspace(config, M, N, K, sm_count);

@@ -1,8 +1,8 @@
 """Writes the GEMM configurations and their tuning as C++: one translation unit per configuration (gemm_cfg_*.cu),
 the dispatch table (configs.inc) and the per-shape plans with the rule for other shapes (tuning.inc).
 
-Run by hand after editing TILES, TUNED or FALLBACK (``python cuda/gen_configs.py [output dir]``); the generated
-files are checked in, and tests/test_kernels.py checks that they match this file.
+Run by hand after editing TILES, E4M3_TILES, TUNED, TUNED_E4M3 or FALLBACK (``python cuda/gen_configs.py
+[output dir]``); the generated files are checked in, and tests/test_kernels.py checks that they match this file.
 """
 import pathlib
 import sys
@@ -20,17 +20,27 @@ GEMM_TYPES = {
     "e4m3_bf16": ("cutlass::float_e4m3_t", "cutlass::bfloat16_t", "LYNX_GEMM_E4M3_BF16"),
     "e4m3_fp16": ("cutlass::float_e4m3_t", "cutlass::half_t", "LYNX_GEMM_E4M3_FP16"),
 }
-# tile: (tile M, tile N, cluster M, cluster N, schedule); compiled for every GEMM type as <type>_<tile>, with tile
-# K = 128 logical columns (the CUTLASS generator's choice for sparse FP8 too).
+# tile: (tile M, tile N, tile K, cluster M, cluster N, schedule), tile K in logical (uncompressed) columns; compiled
+# for every GEMM type as <type>_<tile>. Tile K = 128 is the CUTLASS generator's choice for sparse FP8 too.
 # (Tried and dropped, never best on H100: 128x256 1x2, 128x128 2x1, 256x128 2x2; stream-K does not compile
 # with the sparse mainloop in CUTLASS 4.2.)
 TILES = {
-    "128x128_c1x2_coop": (128, 128, 1, 2, "coop"),
-    "128x128_c1x2_pp": (128, 128, 1, 2, "pp"),
-    "256x128_c2x1_coop": (256, 128, 2, 1, "coop"),
-    "256x128_c1x2_coop": (256, 128, 1, 2, "coop"),
+    "128x128_c1x2_coop": (128, 128, 128, 1, 2, "coop"),
+    "128x128_c1x2_pp": (128, 128, 128, 1, 2, "pp"),
+    "256x128_c2x1_coop": (256, 128, 128, 2, 1, "coop"),
+    "256x128_c1x2_coop": (256, 128, 128, 1, 2, "coop"),
 }
-CONFIGS = {f"{gemm_type}_{tile}": (gemm_type, *spec) for gemm_type in GEMM_TYPES for tile, spec in TILES.items()}
+# Compiled for the e4m3 GEMM types only: a 256-deep K tile, where a row of compressed e4m3 A is one whole 128-byte
+# swizzle row and K = 1152 takes 4.5 K iterations instead of 9. (16-bit operands at that depth would leave room for
+# 1-2 stages of shared memory.)
+E4M3_TILES = {
+    "128x128x256_c1x2_pp": (128, 128, 256, 1, 2, "pp"),
+    "128x128x256_c1x2_coop": (128, 128, 256, 1, 2, "coop"),
+    "256x128x256_c2x1_coop": (256, 128, 256, 2, 1, "coop"),
+    "256x128x256_c1x2_coop": (256, 128, 256, 1, 2, "coop"),
+}
+CONFIGS = {f"{gemm_type}_{tile}": (gemm_type, *spec) for gemm_type, (operand, _, _) in GEMM_TYPES.items()
+           for tile, spec in (TILES | E4M3_TILES if operand == "cutlass::float_e4m3_t" else TILES).items()}
 
 # Measured best (tile, swizzle, raster) of the bf16 GEMM on H100 SXM (benchmarks/gemm.py --tune), keyed on (M, N, K)
 # with K the layer's own in_features, and used for every GEMM type. raster: 1 = along M, 2 = along N, 0 = CUTLASS
@@ -52,6 +62,18 @@ TUNED = {
     (512, 4608, 1152): ("256x128_c2x1_coop", 1, 2),
 }
 
+# The e4m3 GEMM's own plans, where they differ from TUNED: the best (tile, swizzle, raster) of every e4m3
+# configuration on H200 (benchmarks/gemm.py --tune fp8, results/gemm-tune-e4m3-nvidia-h200.json) where it beat TUNED's
+# plan, timed in the same sweep, by more than 3%; a re-timing of one configuration varies by up to that much.
+TUNED_E4M3 = {
+    (4096, 4608, 1152): ("128x128_c1x2_pp", 2, 1),
+    (4096, 1152, 4608): ("128x128x256_c1x2_pp", 1, 1),
+    (8192, 1152, 4608): ("128x128x256_c1x2_coop", 1, 1),
+    (4608, 12288, 3072): ("256x128x256_c1x2_coop", 2, 1),
+    (4096, 4096, 3072): ("256x128_c2x1_coop", 1, 2),
+    (4096, 4096, 12288): ("256x128x256_c2x1_coop", 2, 2),
+}
+
 # The rule for shapes not in TUNED, fitted to them: the large tile wins once there are enough of its tiles to
 # fill the 132 SMs about 1.5 times; below that (from min_m rows up) the smaller 128x128 tile balances better,
 # ping-pong for short K and cooperative for long K. Swizzle 1, raster along M.
@@ -71,26 +93,33 @@ def generate() -> dict[str, str]:
     """File name -> text of every generated file."""
     for tile, _, _ in TUNED.values():
         assert tile in TILES, f"TUNED names unknown tile {tile}"
+    for tile, _, _ in TUNED_E4M3.values():
+        assert tile in TILES or tile in E4M3_TILES, f"TUNED_E4M3 names unknown tile {tile}"
     for key in ("short_k_tile", "long_k_tile", "large_tile"):
         assert FALLBACK[key] in TILES, f"FALLBACK[{key!r}] names unknown tile {FALLBACK[key]}"
     files = {}
-    for name, (gemm_type, tm, tn, cm, cn, schedule) in CONFIGS.items():
+    for name, (gemm_type, tm, tn, tk, cm, cn, schedule) in CONFIGS.items():
         operand, output, _ = GEMM_TYPES[gemm_type]
         mainloop, epilogue = SCHEDULES[schedule]
         if operand == "cutlass::float_e4m3_t":
             mainloop += FP8_MAINLOOP_SUFFIX
         files[f"gemm_cfg_{name}.cu"] = (
             HEADER + "#include \"gemm_sm90.cuh\"\n"
-            f"LYNX_DEFINE_GEMM({name}, {operand}, {output}, cute::Shape<cute::_{tm}, cute::_{tn}, cute::_128>,\n"
+            f"LYNX_DEFINE_GEMM({name}, {operand}, {output}, cute::Shape<cute::_{tm}, cute::_{tn}, cute::_{tk}>,\n"
             f"                 cute::Shape<cute::_{cm}, cute::_{cn}, cute::_1>, {mainloop}, {epilogue})\n")
     files["configs.inc"] = HEADER + "".join(
         f"LYNX_CONFIG({name}, {GEMM_TYPES[gemm_type][2]})\n" for name, (gemm_type, *_) in CONFIGS.items())
     large_m, large_n = TILES[FALLBACK["large_tile"]][:2]
-    tuned = "".join(f'    {{{m}, {n}, {k}, "{tile}", {swizzle}, {raster}}},\n'
-                    for (m, n, k), (tile, swizzle, raster) in TUNED.items())
+
+    def shapes(table: dict) -> str:
+        return "".join(f'    {{{m}, {n}, {k}, "{tile}", {swizzle}, {raster}}},\n'
+                       for (m, n, k), (tile, swizzle, raster) in table.items())
+
     files["tuning.inc"] = (
         HEADER + "// Included by api.cu, which defines TunedShape and FallbackRule.\n"
-        "constexpr TunedShape kTuned[] = {\n" + tuned + "};\n"
+        "constexpr TunedShape kTuned[] = {\n" + shapes(TUNED) + "};\n"
+        "// Looked up first for the e4m3 GEMM types.\n"
+        "constexpr TunedShape kTunedE4M3[] = {\n" + shapes(TUNED_E4M3) + "};\n"
         "constexpr FallbackRule kFallback = {\n"
         f"    /*min_m=*/{FALLBACK['min_m']}, /*few_large_tiles=*/{FALLBACK['few_large_tiles']}, "
         f"/*large_tile_m=*/{large_m}, /*large_tile_n=*/{large_n}, /*short_k=*/{FALLBACK['short_k']},\n"

@@ -199,9 +199,13 @@ __device__ __forceinline__ uint4 ldg_stream(const uint4* p) {
 
 // kE4M3: the values are written as e4m3 once the whole row (one round of loads: the entry point checks K) is
 // selected, with the row's dequantization scale.
-// kE4M3 holds a row's kept values until amax is known: 3 blocks per SM leave it the registers to do so without spills.
+// kE4M3 holds a row's kept values until amax is known: with a layer-norm or erf-GELU producer that takes the registers
+// of 3 blocks per SM (4 spill); the others fit 4 blocks, the most memory in flight.
+template <int kProducer, bool kE4M3>
+constexpr int kMinBlocksPerSM = kE4M3 && (kProducer == LYNX_PRODUCER_LAYER_NORM || kProducer == LYNX_PRODUCER_GELU) ? 3 : 4;
+
 template <bool kBF16, int kRowThreads, int kProducer, bool kE4M3>
-__global__ void __launch_bounds__(kBlockThreads, kE4M3 ? 3 : 4)
+__global__ void __launch_bounds__(kBlockThreads, (kMinBlocksPerSM<kProducer, kE4M3>))
 sparsify_2to4_kernel(const uint16_t* __restrict__ x, int64_t ldx, int M, int K, int m_pad, int k_pad,
                      void* __restrict__ a_comp, uint8_t* __restrict__ e, float* __restrict__ scale,
                      int norm, float eps, const uint16_t* __restrict__ tail, int rank, LynxProducer producer,

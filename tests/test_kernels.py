@@ -227,9 +227,12 @@ def host_library(tmp_path_factory):
     return library
 
 
-def _plan(lib, dtype_bf16: bool, M: int, N: int, K: int, layer_k: int | None = None, sm_count: int = 132):
+def _plan(lib, dtype_bf16: bool, M: int, N: int, K: int, layer_k: int | None = None, sm_count: int = 132,
+          e4m3: bool = False):
     plan = abi.structure("LynxGemmPlan")()
-    status = lib.lynx_gemm_plan(int(dtype_bf16), M, N, K, layer_k or K, sm_count, ctypes.byref(plan))
+    constants = abi.header().constants
+    gemm_type = constants[f"LYNX_GEMM_{'E4M3_' if e4m3 else ''}{'BF16' if dtype_bf16 else 'FP16'}"]
+    status = lib.lynx_gemm_plan(gemm_type, M, N, K, layer_k or K, sm_count, ctypes.byref(plan))
     abi.check(lib, status, "GEMM plan")
     name = lib.lynx_config_name(plan.config).decode()
     return name, plan.swizzle, plan.raster, plan.workspace_bytes
@@ -273,6 +276,10 @@ def test_plans_follow_the_tuning_table_and_the_rule(host_library, tmp_path, monk
     for (M, N, K), (tile, swizzle, raster) in gen.TUNED.items():
         assert _plan(lib, True, M, N, K) == (f"bf16_{tile}", swizzle, raster, 132)
         assert _plan(lib, False, M, N, K, sm_count=114) == (f"fp16_{tile}", swizzle, raster, 114)
+        e4m3_tile, e4m3_swizzle, e4m3_raster = gen.TUNED_E4M3.get((M, N, K), (tile, swizzle, raster))
+        assert _plan(lib, True, M, N, K, e4m3=True)[:3] == (f"e4m3_bf16_{e4m3_tile}", e4m3_swizzle, e4m3_raster)
+        assert _plan(lib, False, M, N, K, e4m3=True)[:3] == (f"e4m3_fp16_{e4m3_tile}", e4m3_swizzle, e4m3_raster)
+    assert set(gen.TUNED_E4M3) <= set(gen.TUNED), "an e4m3 plan of a shape the shared table does not tune"
     # A folded LoRA's extra columns plan as the layer's own in_features.
     assert _plan(lib, True, 4096, 3456, 1152 + 128, layer_k=1152)[:3] == ("bf16_128x128_c1x2_pp", 1, 1)
     # The rule: fewer than 200 tiles of 256x128 from M = 1024 up take the 128x128 tile (ping-pong up to K = 2048).
@@ -294,6 +301,16 @@ def test_lynx_gemm_config_forces_a_plan(host_library, tmp_path, monkeypatch, ove
     lib = _open_copy(host_library, tmp_path, "override.so")
     assert _plan(lib, True, 4096, 3456, 1152)[:3] == bf16
     assert _plan(lib, False, 100, 64, 64)[:3] == fp16
+
+
+def test_lynx_gemm_config_may_force_a_tile_of_the_e4m3_types_only(host_library, tmp_path, monkeypatch):
+    tile = next(iter(_gen_configs().E4M3_TILES))
+    monkeypatch.setenv("LYNX_GEMM_CONFIG", f"{tile}:2:1")
+    lib = _open_copy(host_library, tmp_path, "e4m3_override.so")
+    assert _plan(lib, True, 4096, 3456, 1152, e4m3=True)[:3] == (f"e4m3_bf16_{tile}", 2, 1)
+    assert _plan(lib, False, 4096, 3456, 1152, e4m3=True)[:3] == (f"e4m3_fp16_{tile}", 2, 1)
+    with pytest.raises(RuntimeError, match="no such GEMM configuration for this GEMM type"):
+        _plan(lib, True, 4096, 3456, 1152)
 
 
 @pytest.mark.parametrize("override", ["nonsense", "128x128_c1x2_pp:3", "128x128_c1x2_pp:1:5", "128x128_c1x2_pp:x",

@@ -156,6 +156,25 @@ def test_sparse_linear_matches_reference(K, dtype, lead, Kf, N, with_bias):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_every_compiled_configuration_matches_the_reference(K, dtype):
+    """Every 16-bit tile of the dtype, both rasters, at M and N that are not multiples of a tile."""
+    torch.manual_seed(0)
+    M, Kf, N = 200, 1152, 1000
+    x = torch.randn(M, Kf, device="cuda").to(dtype)
+    w = (torch.randn(N, Kf, device="cuda") / Kf ** 0.5).to(dtype)
+    b = torch.randn(N, device="cuda").to(dtype)
+    values, meta, scale = K.compress_2to4(x, True)
+    ref = reference64(x, w, b, True)
+    prefix = "bf16_" if dtype == torch.bfloat16 else "fp16_"
+    configs = {name: index for name, index in K.gemm_configs().items() if name.startswith(prefix)}
+    assert configs
+    for name, index in configs.items():
+        for raster in (1, 2):
+            out = K.sparse_mm_compressed(values, meta, scale, w, b, config=(index, 1, raster))
+            assert relative_error(out, ref) < REL_TOL[dtype], (name, raster)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_out_buffer_fully_written(K, dtype):
     M, Kf, N = 333, 1152, 1160
     x = torch.randn(M, Kf, device="cuda").to(dtype)

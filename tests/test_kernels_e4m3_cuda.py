@@ -98,6 +98,33 @@ def test_sparse_linear_e4m3_matches_the_reference(K, dtype, lead, Kf, N, with_bi
     assert relative_error(out, ref) < 1e-2
 
 
+@pytest.mark.parametrize("M,Kf,N,rank", [(200, 1152, 1152, 0), (1000, 1152, 3456, 64), (64, 64, 128, 0),
+                                         (300, 4608, 1152, 16)])
+def test_every_compiled_e4m3_configuration_matches_the_reference(K, M, Kf, N, rank):
+    """Every e4m3 tile, both rasters: M and N not multiples of a tile, K (with the folded LoRA's 2r columns) not a
+    multiple of a 256-deep K tile, and K below one tile."""
+    torch.manual_seed(M + Kf + N)
+    x = torch.randn(M, Kf, device="cuda").to(torch.bfloat16)
+    w = (torch.randn(N, Kf, device="cuda") / Kf ** 0.5).to(torch.bfloat16)
+    b = torch.randn(N, device="cuda").to(torch.bfloat16)
+    down_padded = None
+    if rank:
+        down = (torch.randn(rank, Kf, device="cuda") / Kf ** 0.5).to(torch.bfloat16)
+        w, down_padded = ops.pack_lora(w, down, (torch.randn(N, rank, device="cuda") / rank ** 0.5).to(torch.bfloat16))
+    w8, w_scale = ops.quantize_weight_e4m3(w)
+    tail = None if down_padded is None else x @ down_padded.t()
+    values, meta, scale = K.compress_2to4(x, True, lora_tail=tail, e4m3=True)
+    ref = ops.sparse_linear_e4m3_reference(x.float(), w8, w_scale, b, 2, 4, True, ops.NORM_EPS,
+                                           None if down_padded is None else down_padded.float())
+    configs = {name: index for name, index in K.gemm_configs().items() if name.startswith("e4m3_bf16_")}
+    assert any("x256_" in name for name in configs), "the 256-deep K tiles are compiled"
+    for name, index in configs.items():
+        for raster in (1, 2):
+            out = K.sparse_mm_compressed(values, meta, scale, w8, b, config=(index, 1, raster), col_scale=w_scale,
+                                         out_dtype=torch.bfloat16)
+            assert relative_error(out, ref) < 1e-2, (name, raster)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rank", [16, 64])
 def test_folded_lora_in_e4m3_matches_the_reference(K, dtype, rank):
