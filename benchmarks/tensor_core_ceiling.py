@@ -617,23 +617,22 @@ def add_over_dense(rows: list[dict]) -> None:
 def summarise(rows: list[dict]) -> dict:
     """Per family, the best rate of each instruction (``sparse_smem``, ...; e4m3 ones prefixed ``e4m3_``)
     and its ratio to the best dense one of the same type."""
+    def name(dtype: str, kind: str) -> str:
+        return kind if dtype == "bf16" else f"{dtype}_{kind}"
+
     summary = {}
     for fam in dict.fromkeys(r["family"] for r in rows):
-        best: dict[str, float] = {}
-        dtype_of: dict[str, str] = {}
+        best: dict[tuple[str, str], float] = {}  # (dtype, instruction) -> TFLOP/s
         for r in rows:
             if r["family"] == fam:
-                dtype = r.get("dtype", "bf16")
-                key = ("sparse" if r["sparse"] else "dense") + "_" + r["a_source"]
-                key = key if dtype == "bf16" else f"{dtype}_{key}"
+                key = (r.get("dtype", "bf16"), ("sparse" if r["sparse"] else "dense") + "_" + r["a_source"])
                 best[key] = max(best.get(key, 0.0), r["tflops"])
-                dtype_of[key] = dtype
-        dense = {}
-        for k, t in best.items():
-            if k.removeprefix(f"{dtype_of[k]}_").startswith("dense"):
-                dense[dtype_of[k]] = max(dense.get(dtype_of[k], 0.0), t)
-        summary[fam] = {"best_tflops": best,
-                        "best_over_best_dense": {k: t / dense[dtype_of[k]] for k, t in best.items() if dtype_of[k] in dense}}
+        dense: dict[str, float] = {}
+        for (dtype, kind), t in best.items():
+            if kind.startswith("dense"):
+                dense[dtype] = max(dense.get(dtype, 0.0), t)
+        summary[fam] = {"best_tflops": {name(*k): t for k, t in best.items()},
+                        "best_over_best_dense": {name(*k): t / dense[k[0]] for k, t in best.items() if k[0] in dense}}
     return summary
 
 

@@ -45,15 +45,20 @@ struct TileChoice {
   int swizzle, raster;
 };
 
+// The entry of a tuning table for this shape, or nullptr.
+template <size_t kSize>
+const TunedShape* find_tuned(const TunedShape (&table)[kSize], int M, int N, int layer_k) {
+  for (const TunedShape& t : table) {
+    if (t.M == M && t.N == N && t.K == layer_k) return &t;
+  }
+  return nullptr;
+}
+
 TileChoice choose_tile(int gemm_type, int M, int N, int layer_k) {
-  if (gemm_type == LYNX_GEMM_E4M3_FP16 || gemm_type == LYNX_GEMM_E4M3_BF16) {
-    for (const TunedShape& t : kTunedE4M3) {
-      if (t.M == M && t.N == N && t.K == layer_k) return {t.tile, t.swizzle, t.raster};
-    }
-  }
-  for (const TunedShape& t : kTuned) {
-    if (t.M == M && t.N == N && t.K == layer_k) return {t.tile, t.swizzle, t.raster};
-  }
+  const bool e4m3 = gemm_type == LYNX_GEMM_E4M3_FP16 || gemm_type == LYNX_GEMM_E4M3_BF16;
+  const TunedShape* t = e4m3 ? find_tuned(kTunedE4M3, M, N, layer_k) : nullptr;
+  if (t == nullptr) t = find_tuned(kTuned, M, N, layer_k);
+  if (t != nullptr) return {t->tile, t->swizzle, t->raster};
   const long long tiles_m = (static_cast<long long>(M) + kFallback.large_tile_m - 1) / kFallback.large_tile_m;
   const long long tiles_n = (static_cast<long long>(N) + kFallback.large_tile_n - 1) / kFallback.large_tile_n;
   const long long large_tiles = tiles_m * tiles_n;
