@@ -13,12 +13,13 @@ SCHEDULES = {
     "pp": ("cutlass::gemm::KernelTmaWarpSpecializedPingpong", "cutlass::epilogue::TmaWarpSpecialized"),
 }
 FP8_MAINLOOP_SUFFIX = "FP8FastAccum"
+E4M3 = "cutlass::float_e4m3_t"  # the operand type of the e4m3 GEMM types
 # GEMM type (the prefix of its configurations) -> (operand type, output type, LYNX_GEMM_* of cuda/lynx_api.h).
 GEMM_TYPES = {
     "bf16": ("cutlass::bfloat16_t", "cutlass::bfloat16_t", "LYNX_GEMM_BF16"),
     "fp16": ("cutlass::half_t", "cutlass::half_t", "LYNX_GEMM_FP16"),
-    "e4m3_bf16": ("cutlass::float_e4m3_t", "cutlass::bfloat16_t", "LYNX_GEMM_E4M3_BF16"),
-    "e4m3_fp16": ("cutlass::float_e4m3_t", "cutlass::half_t", "LYNX_GEMM_E4M3_FP16"),
+    "e4m3_bf16": (E4M3, "cutlass::bfloat16_t", "LYNX_GEMM_E4M3_BF16"),
+    "e4m3_fp16": (E4M3, "cutlass::half_t", "LYNX_GEMM_E4M3_FP16"),
 }
 # tile: (tile M, tile N, tile K, cluster M, cluster N, schedule), tile K in logical (uncompressed) columns; compiled
 # for every GEMM type as <type>_<tile>. Tile K = 128 is the CUTLASS generator's choice for sparse FP8 too.
@@ -40,7 +41,7 @@ E4M3_TILES = {
     "256x128x256_c1x2_coop": (256, 128, 256, 1, 2, "coop"),
 }
 CONFIGS = {f"{gemm_type}_{tile}": (gemm_type, *spec) for gemm_type, (operand, _, _) in GEMM_TYPES.items()
-           for tile, spec in (TILES | E4M3_TILES if operand == "cutlass::float_e4m3_t" else TILES).items()}
+           for tile, spec in (TILES | E4M3_TILES if operand == E4M3 else TILES).items()}
 
 # Measured best (tile, swizzle, raster) of the bf16 GEMM on H100 SXM (benchmarks/gemm.py --tune), keyed on (M, N, K)
 # with K the layer's own in_features, and used for every GEMM type. raster: 1 = along M, 2 = along N, 0 = CUTLASS
@@ -101,7 +102,7 @@ def generate() -> dict[str, str]:
     for name, (gemm_type, tm, tn, tk, cm, cn, schedule) in CONFIGS.items():
         operand, output, _ = GEMM_TYPES[gemm_type]
         mainloop, epilogue = SCHEDULES[schedule]
-        if operand == "cutlass::float_e4m3_t":
+        if operand == E4M3:
             mainloop += FP8_MAINLOOP_SUFFIX
         files[f"gemm_cfg_{name}.cu"] = (
             HEADER + "#include \"gemm_sm90.cuh\"\n"
