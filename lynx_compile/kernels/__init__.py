@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from .. import ops
 from . import abi, compilation, launch, registry, support
 from .compilation import build
 from .launch import choose_config, compress_2to4, gemm_configs, metadata_bytes, sparse_mm_compressed
@@ -97,9 +98,11 @@ def load() -> bool:
             if reason is None:
                 path = Path(compilation.build()).resolve()
                 launch.attach(abi.open_library(path))
-                # A bad LYNX_GEMM_CONFIG fails every plan: say so here, once, rather than at the first layer.
-                bf16 = launch.gemm_type(torch.bfloat16, torch.bfloat16)
-                launch.gemm_plan(bf16, 64, 64, 64, 64, torch.cuda.current_device())
+                # A bad LYNX_GEMM_CONFIG fails every plan: say so here, once, rather than at the first layer. The
+                # probe is an e4m3 plan because every tile is compiled for the e4m3 types: a valid override naming
+                # an e4m3-only tile fails the 16-bit plans alone.
+                e4m3 = launch.gemm_type(ops.E4M3, torch.bfloat16)
+                launch.gemm_plan(e4m3, 64, 64, 64, 64, torch.cuda.current_device())
                 torch_ops_error = registry.register(path)
         except Exception as exc:  # noqa: BLE001 - any failure means "not available", with the reason kept
             reason = f"{type(exc).__name__}: {exc}".strip()
